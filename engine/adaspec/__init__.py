@@ -1,0 +1,1 @@
+"""AdaSpec serving engine."""

@@ -1,0 +1,136 @@
+"""Draft confidence → acceptance probability, corrected online from verification outcomes.
+
+AdaSpec uses raw draft confidence as the acceptance probability; raw confidence is
+miscalibrated (it depends on the pair, the prompt mix and temperature), so we keep a binned
+map with a Beta prior per bin (from the profile, or the identity when there is none) and add the
+observed outcomes with exponential forgetting. The map is kept monotone (pool-adjacent-
+violators) because a more confident draft token is never less likely to be accepted.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from adaspec.contract import AcceptanceCalibration
+from adaspec.policy.base import FloatArray, IntArray
+
+
+def _isotonic(values: FloatArray, weights: FloatArray) -> FloatArray:
+    """Weighted pool-adjacent-violators: the closest non-decreasing sequence."""
+    blocks: list[list[float]] = []  # [mean, weight, count]
+    for v, w in zip(values.tolist(), weights.tolist(), strict=True):
+        blocks.append([v, max(w, 1e-9), 1.0])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            m2, w2, c2 = blocks.pop()
+            m1, w1, c1 = blocks.pop()
+            blocks.append([(m1 * w1 + m2 * w2) / (w1 + w2), w1 + w2, c1 + c2])
+    out = [m for m, _, c in blocks for _ in range(int(c))]
+    return np.asarray(out, dtype=np.float64)
+
+
+class AcceptanceCalibrator:
+    """Binned calibration with a Beta prior per bin and online, forgetting updates."""
+
+    def __init__(
+        self,
+        bin_edges: FloatArray,
+        prior_prob: FloatArray,
+        prior_weight: float = 40.0,
+        forget: float = 0.999,
+        initial_rate: float | None = None,
+    ) -> None:
+        edges = np.asarray(bin_edges, dtype=np.float64)
+        prior = np.asarray(prior_prob, dtype=np.float64)
+        if edges.ndim != 1 or prior.shape != (edges.shape[0] - 1,):
+            raise ValueError("bin_edges must have one more entry than prior_prob")
+        if not 0.0 < forget <= 1.0:
+            raise ValueError("forget must be in (0, 1]")
+        self._inner_edges = edges[1:-1].copy()
+        self._prior = np.clip(prior, 1e-3, 1.0 - 1e-3)
+        self._prior_weight = float(prior_weight)
+        self._forget = float(forget)
+        self._successes = np.zeros_like(self._prior)
+        self._trials = np.zeros_like(self._prior)
+        self._table = self._prior.copy()
+        rate = float(np.mean(self._prior)) if initial_rate is None else float(initial_rate)
+        self._rate = rate  # running per-token acceptance, for not-yet-drafted tokens
+        self._rate_weight = 0.02
+
+    # -- construction -------------------------------------------------------------------
+
+    @classmethod
+    def identity(cls, n_bins: int = 10) -> AcceptanceCalibrator:
+        """Raw confidence as acceptance (AdaSpec's assumption) until outcomes arrive."""
+        edges = np.linspace(0.0, 1.0, n_bins + 1)
+        centers = (edges[:-1] + edges[1:]) / 2.0
+        return cls(edges, centers, initial_rate=0.6)
+
+    @classmethod
+    def from_profile(cls, cal: AcceptanceCalibration) -> AcceptanceCalibrator:
+        edges = np.asarray(cal.bin_edges, dtype=np.float64)
+        edges[0], edges[-1] = 0.0, 1.0
+        prior = np.asarray(cal.accept_prob, dtype=np.float64)
+        rate = None
+        if cal.counts is not None and sum(cal.counts) > 0:
+            rate = float(np.average(prior, weights=np.asarray(cal.counts, dtype=np.float64)))
+        return cls(edges, prior, initial_rate=rate)
+
+    # -- prediction ---------------------------------------------------------------------
+
+    def predict(self, conf: FloatArray) -> FloatArray:
+        """P(accept) for each draft confidence (any shape)."""
+        idx = np.searchsorted(self._inner_edges, conf, side="right")
+        out: FloatArray = self._table[idx]
+        return out
+
+    @property
+    def mean_rate(self) -> float:
+        """Running per-token acceptance rate: the prior for a token not yet drafted."""
+        return self._rate
+
+    @property
+    def table(self) -> FloatArray:
+        return self._table.copy()
+
+    # -- online correction --------------------------------------------------------------
+
+    def update(self, conf: FloatArray, verified_lens: IntArray, accepted: IntArray) -> None:
+        """Add verification outcomes.
+
+        For request i, draft positions j < accepted[i] were accepted; position accepted[i] was
+        rejected if accepted[i] < verified_lens[i]; later positions were never tested (they
+        say nothing about acceptance and are left out).
+        """
+        if conf.size == 0:
+            return
+        k = conf.shape[1]
+        pos = np.arange(k)[None, :]
+        acc = accepted[:, None]
+        observed = (pos < verified_lens[:, None]) & (pos <= acc)
+        if not observed.any():
+            return
+        ok = (pos < acc) & observed
+        bins = np.searchsorted(self._inner_edges, conf[observed], side="right")
+        n_bins = self._prior.shape[0]
+        succ = np.bincount(bins, weights=ok[observed].astype(np.float64), minlength=n_bins)
+        tri = np.bincount(bins, minlength=n_bins).astype(np.float64)
+        decay = self._forget ** float(tri.sum())
+        self._successes = self._successes * decay + succ
+        self._trials = self._trials * decay + tri
+        w = self._prior_weight
+        raw = (w * self._prior + self._successes) / (w + self._trials)
+        self._table = _isotonic(raw, w + self._trials)
+        step_rate = float(ok.sum()) / float(observed.sum())
+        self._rate += self._rate_weight * (step_rate - self._rate)
+
+    def expected_error(
+        self, conf: FloatArray, verified_lens: IntArray, accepted: IntArray
+    ) -> float:
+        """|predicted − observed| accepted tokens per verified token (for a metric)."""
+        k = conf.shape[1] if conf.ndim == 2 else 0
+        if k == 0 or int(verified_lens.sum()) == 0:
+            return 0.0
+        mask = np.arange(k)[None, :] < verified_lens[:, None]
+        surv = np.cumprod(np.where(mask, self.predict(conf), 1.0), axis=1) * mask
+        predicted = float(surv.sum())
+        return abs(predicted - float(accepted.sum())) / float(verified_lens.sum())

@@ -1,0 +1,112 @@
+"""Linear step-time model with online multiplicative bias correction.
+
+The profiler fits the coefficients offline (adaspec.profile); at run time the machine drifts
+(other tenants, thermal state, a different prompt mix), so the ratio observed/predicted is
+tracked as an exponentially weighted mean in log space and applied to every prediction.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from adaspec.contract import StepTimeModel, TimeModel
+from adaspec.policy.base import FloatArray
+
+
+def default_cpu_time_model() -> TimeModel:
+    """Prior for the default CPU pair when no profile is given (MODELS.md: 2 cores, bf16).
+
+    Draft 1 token ≈ 105 ms, target 1 token ≈ 260 ms, target 5 tokens ≈ 265 ms.
+    """
+    return TimeModel(
+        draft=StepTimeModel(intercept_ms=95.0, per_row_ms=8.0, per_ctx_ktoken_ms=4.0),
+        verify=StepTimeModel(
+            intercept_ms=235.0, per_row_ms=10.0, per_token_ms=3.0, per_ctx_ktoken_ms=6.0
+        ),
+    )
+
+
+class _Linear:
+    """One forward pass kind: seconds = (c0 + c_r·rows + c_t·tokens + c_c·ctx/1000)/1000."""
+
+    __slots__ = ("c0", "cc", "cr", "ct")
+
+    def __init__(self, m: StepTimeModel) -> None:
+        self.c0 = m.intercept_ms / 1000.0
+        self.cr = m.per_row_ms / 1000.0
+        self.ct = m.per_token_ms / 1000.0
+        self.cc = m.per_ctx_ktoken_ms / 1e6
+
+    def __call__(self, rows: float, tokens: float, ctx_work: float) -> float:
+        return self.c0 + self.cr * rows + self.ct * tokens + self.cc * ctx_work
+
+    def vec(self, rows: FloatArray, tokens: FloatArray, ctx_work: FloatArray) -> FloatArray:
+        out: FloatArray = self.c0 + self.cr * rows + self.ct * tokens + self.cc * ctx_work
+        return out
+
+
+class StepTimePredictor:
+    """Predicts draft-pass and verification times in seconds, bias-corrected online.
+
+    `ctx_work` is Σ over the pass's query tokens of the context they attend to (tokens).
+    """
+
+    def __init__(self, model: TimeModel, smoothing: float = 0.1) -> None:
+        if not 0.0 < smoothing <= 1.0:
+            raise ValueError("smoothing must be in (0, 1]")
+        self.model = model
+        self._draft = _Linear(model.draft)
+        self._verify = _Linear(model.verify)
+        self._smoothing = smoothing
+        self._log_bias_draft = 0.0
+        self._log_bias_verify = 0.0
+        self.draft_scale = 1.0
+        self.verify_scale = 1.0
+
+    def draft_pass(self, rows: float, ctx_work: float) -> float:
+        if rows <= 0:
+            return 0.0
+        return self.draft_scale * self._draft(rows, rows, ctx_work)
+
+    def draft_passes(self, rows: FloatArray, ctx_work: FloatArray) -> FloatArray:
+        """Vectorised draft-pass times; passes with no rows cost nothing."""
+        t = self.draft_scale * self._draft.vec(rows, rows, ctx_work)
+        out: FloatArray = np.where(rows > 0, t, 0.0)
+        return out
+
+    def verify(self, rows: float, tokens: float, ctx_work: float) -> float:
+        return self.verify_scale * self._verify(rows, tokens, ctx_work)
+
+    def verify_vec(self, rows: float, tokens: FloatArray, ctx_work: FloatArray) -> FloatArray:
+        out: FloatArray = self.verify_scale * self._verify.vec(
+            np.full_like(tokens, rows), tokens, ctx_work
+        )
+        return out
+
+    @property
+    def verify_per_token_s(self) -> float:
+        return self.verify_scale * self._verify.ct
+
+    @property
+    def verify_per_ctx_s(self) -> float:
+        return self.verify_scale * self._verify.cc
+
+    def observe(
+        self,
+        predicted_draft_s: float,
+        observed_draft_s: float,
+        predicted_verify_s: float,
+        observed_verify_s: float,
+    ) -> None:
+        """Move the bias towards observed/predicted (log-space EWMA; ignores empty passes)."""
+        a = self._smoothing
+        if predicted_draft_s > 0 and observed_draft_s > 0:
+            r = math.log(observed_draft_s / predicted_draft_s) + self._log_bias_draft
+            self._log_bias_draft += a * (r - self._log_bias_draft)
+            self.draft_scale = math.exp(self._log_bias_draft)
+        if predicted_verify_s > 0 and observed_verify_s > 0:
+            r = math.log(observed_verify_s / predicted_verify_s) + self._log_bias_verify
+            self._log_bias_verify += a * (r - self._log_bias_verify)
+            self.verify_scale = math.exp(self._log_bias_verify)
