@@ -65,6 +65,42 @@ class StepCosts:
         self.draft_s = float(times.draft_passes(rows, ctx_work).sum())
 
 
+class _StepState:
+    """Running per-step sums for the drafter (mutable; owned by one policy instance)."""
+
+    __slots__ = ("E", "L", "P", "P_last", "b", "draft_s", "s_sum", "work")
+
+    def __init__(self, b: int, L: FloatArray, k: int) -> None:
+        self.b = b
+        self.L = L
+        self.P = np.zeros((b, max(k, 1)))
+        self.P_last = np.ones(b)
+        self.E = np.ones(b)
+        self.draft_s = 0.0
+        self.s_sum = 0
+        self.work = float(L.sum())
+
+    @classmethod
+    def build(
+        cls,
+        ctx: StepContext,
+        conf: FloatArray,
+        lens: IntArray,
+        cal: AcceptanceCalibrator,
+        times: StepTimePredictor,
+    ) -> _StepState:
+        c = StepCosts(ctx, conf, lens, cal, times)
+        st = cls(ctx.batch, c.L, max(ctx.max_draft, conf.shape[1]))
+        st.P[:, : c.P.shape[1]] = c.P
+        last = np.maximum(lens - 1, 0)
+        st.P_last = np.where(lens > 0, c.P[np.arange(ctx.batch), last], 1.0)
+        st.E = c.E.copy()
+        st.draft_s = c.draft_s
+        st.s_sum = int(lens.sum())
+        st.work = _verify_ctx_work(c.L, lens.astype(np.float64))
+        return st
+
+
 def _verify_ctx_work(L: FloatArray, s: FloatArray) -> float:
     """Σ_i Σ_{t=0..s_i} (L_i + t): attention work of verifying s_i drafts + 1 token."""
     return float(((s + 1.0) * L + s * (s + 1.0) / 2.0).sum())
@@ -88,6 +124,8 @@ class AdaSpecPolicy:
         self._blend = next_token_blend
         self._refusals = 0
         self._last_decision: VerifyDecision | None = None
+        self._state: _StepState | None = None
+        self._predicted: tuple[IntArray, float, float] | None = None
 
     @classmethod
     def from_profile(cls, profile: Profile | None) -> AdaSpecPolicy:
@@ -106,82 +144,100 @@ class AdaSpecPolicy:
 
     def start(self, ctx: StepContext) -> BoolArray:
         self._refusals = 0
+        self._state = None
         b = ctx.batch
         if ctx.max_draft <= 0 or b == 0:
             return np.zeros(b, dtype=np.bool_)
-        conf = np.zeros((b, 1), dtype=np.float64)
+        self._state = _StepState(b, ctx.context_lens.astype(np.float64), ctx.max_draft)
+        conf = np.zeros((b, ctx.max_draft), dtype=np.float64)
         lens = np.zeros(b, dtype=np.int64)
-        return self.keep_drafting(ctx, conf, lens, np.ones(b, dtype=np.bool_))
+        return self.keep_drafting(ctx, conf, lens, np.zeros(b, dtype=np.bool_), _first=True)
+
+    def _step_state(
+        self, ctx: StepContext, conf: FloatArray, lens: IntArray, drafted: BoolArray
+    ) -> _StepState:
+        """Per-step running sums, updated with the pass that just ran (O(rows) numpy work).
+
+        Rebuilt from scratch when the caller's lengths do not continue the cached state
+        (a direct call without start(), or a different batch)."""
+        st = self._state
+        n_new = int(np.count_nonzero(drafted))
+        if (
+            st is not None
+            and st.b == ctx.batch
+            and st.P.shape[1] >= conf.shape[1]
+            and st.s_sum + n_new == int(lens.sum())
+        ):
+            if n_new:
+                rows = np.nonzero(drafted)[0]
+                j = lens[rows] - 1
+                p = self.cal.predict(conf[rows, j])
+                st.P_last[rows] *= p
+                st.P[rows, j] = st.P_last[rows]
+                st.E[rows] += st.P_last[rows]
+                pos = st.L[rows] + j
+                st.draft_s += self.times.draft_pass(float(n_new), float(pos.sum()))
+                st.s_sum += n_new
+                st.work += float(pos.sum()) + n_new
+            return st
+        st = _StepState.build(ctx, conf, lens, self.cal, self.times)
+        self._state = st
+        return st
 
     def keep_drafting(
-        self, ctx: StepContext, conf: FloatArray, lens: IntArray, drafting: BoolArray
+        self,
+        ctx: StepContext,
+        conf: FloatArray,
+        lens: IntArray,
+        drafting: BoolArray,
+        _first: bool = False,
     ) -> BoolArray:
         b = ctx.batch
         out = np.zeros(b, dtype=np.bool_)
-        cand = drafting & (lens < ctx.max_draft)
+        st = self._step_state(ctx, conf, lens, drafting)
+        cand = (np.ones(b, dtype=np.bool_) if _first else drafting) & (lens < ctx.max_draft)
         if not cand.any():
             return out
-        c = StepCosts(ctx, conf, lens, self.cal, self.times)
-        s = lens.astype(np.float64)
-        t_cur = c.draft_s + self.times.verify(b, float(s.sum()) + b, _verify_ctx_work(c.L, s))
-        a_cur = float(c.E.sum())
+        t_cur = st.draft_s + self.times.verify(b, st.s_sum + b, st.work)
+        a_cur = float(st.E.sum())
         g_cur = a_cur / t_cur
 
         # value of each candidate's next token: survival so far × predicted acceptance
         idx = np.nonzero(cand)[0]
-        last = np.maximum(lens[idx] - 1, 0)
-        has = lens[idx] > 0
-        surv = np.where(has, c.P[idx, last], 1.0)
         rate = self.cal.mean_rate
-        p_last = self.cal.predict(conf[idx, last])
-        p_next = np.where(has, self._blend * p_last + (1.0 - self._blend) * rate, rate)
-        gain = surv * p_next
+        has = lens[idx] > 0
+        if has.any():
+            p_last = self.cal.predict(conf[idx, np.maximum(lens[idx] - 1, 0)])
+            p_next = np.where(has, self._blend * p_last + (1.0 - self._blend) * rate, rate)
+        else:
+            p_next = np.full(idx.shape[0], rate)
+        gain = st.P_last[idx] * p_next
         order = np.argsort(-gain, kind="stable")
         idx, gain = idx[order], gain[order]
 
-        m = np.arange(1, idx.shape[0] + 1, dtype=np.float64)
-        pos = c.L[idx] + lens[idx]  # context of the token drafted / verified next
-        d_pass = self.times.draft_passes(m, np.cumsum(pos))
-        d_verify = self.times.verify_per_token_s * m + self.times.verify_per_ctx_s * np.cumsum(
-            pos + 1.0
-        )
-        t_m = t_cur + d_pass + d_verify
+        m = np.arange(1.0, idx.shape[0] + 1.0)
+        pos = np.cumsum(st.L[idx] + lens[idx])  # context of the tokens drafted / verified next
+        t_m = t_cur + self.times.draft_and_verify_increment(m, pos)
         g_m = (a_cur + np.cumsum(gain)) / t_m
-        better = g_m > g_cur * (1.0 + 1e-9)
-        feasible = self._guard_prefix(ctx, c.E, cand, idx, gain, t_m)
-        ok = better & feasible
-        if better.any():
-            best_any = int(np.argmax(np.where(better, g_m, -np.inf)))
-            best_ok = int(np.argmax(np.where(ok, g_m, -np.inf))) if ok.any() else -1
-            if best_ok < best_any:
-                self._refusals += best_any - best_ok
-        if not ok.any():
+        best_any = int(np.argmax(g_m))
+        if g_m[best_any] <= g_cur * (1.0 + 1e-9):
             return out
-        best = int(np.argmax(np.where(ok, g_m, -np.inf)))
+        if ctx.budget_s is not None:
+            # Conservative on purpose: the token about to be drafted is credited nothing. Its
+            # real confidence is only known after the pass is paid for; crediting its
+            # *predicted* value could leave a step whose sunk draft time already breaks the
+            # budget. With E counted before the pass, verifying everything drafted stays
+            # admissible after the pass (E only grows), so the guard holds at verification.
+            ok = (t_m <= ctx.budget_s * float(st.E.min())) & (g_m > g_cur * (1.0 + 1e-9))
+            if not ok.any():
+                self._refusals += best_any + 1
+                return out
+            best = int(np.argmax(np.where(ok, g_m, -np.inf)))
+            self._refusals += max(0, best_any - best)
+        else:
+            best = best_any
         out[idx[: best + 1]] = True
         return out
-
-    @staticmethod
-    def _guard_prefix(
-        ctx: StepContext,
-        E: FloatArray,
-        cand: BoolArray,
-        idx: IntArray,
-        gain: FloatArray,
-        t_m: FloatArray,
-    ) -> BoolArray:
-        """For each prefix size m: is T_m / E_i ≤ budget for every request?"""
-        if ctx.budget_s is None:
-            return np.ones(t_m.shape[0], dtype=np.bool_)
-        fixed_min = float(E[~cand].min()) if (~cand).any() else np.inf
-        chosen_min = np.minimum.accumulate(E[idx] + gain)
-        e_rest = E[idx]
-        # min over not-chosen candidates after the prefix: suffix minimum shifted by one
-        suffix = np.minimum.accumulate(e_rest[::-1])[::-1]
-        rest_min = np.append(suffix[1:], np.inf)
-        min_e = np.minimum(np.minimum(chosen_min, rest_min), fixed_min)
-        feasible: BoolArray = t_m <= ctx.budget_s * min_e
-        return feasible
 
     # -- verifier + guard ---------------------------------------------------------------
 
@@ -192,63 +248,118 @@ class AdaSpecPolicy:
         t_plain = self.times.verify(b, float(b), float(L.sum())) if b else 0.0
         infeasible = ctx.budget_s is not None and t_plain > ctx.budget_s
         if b == 0 or int(lens.sum()) == 0:
-            d = VerifyDecision(
-                lens=np.zeros(b, dtype=np.int64),
-                predicted_step_s=t_plain,
-                expected_tokens=np.ones(b, dtype=np.float64),
-                guard_refusals=self._refusals,
-                infeasible=infeasible,
+            return self._decide(
+                VerifyDecision(
+                    lens=np.zeros(b, dtype=np.int64),
+                    predicted_step_s=t_plain,
+                    expected_tokens=np.ones(b, dtype=np.float64),
+                    guard_refusals=self._refusals,
+                    infeasible=infeasible,
+                ),
+                0.0,
+                t_plain,
             )
-            self._last_decision = d
-            return d
-        c = StepCosts(ctx, conf, lens, self.cal, self.times)
-        ii, jj = np.nonzero(c.mask)
-        surv = c.P[ii, jj]
+        st = self._state
+        if st is None or st.b != b or st.s_sum != int(lens.sum()) or st.P.shape[1] < conf.shape[1]:
+            st = _StepState.build(ctx, conf, lens, self.cal, self.times)
+        k = conf.shape[1]
+        mask = np.arange(k)[None, :] < lens[:, None]
+        P = st.P[:, :k] * mask
+        t_full = st.draft_s + self.times.verify(b, st.s_sum + b, st.work)
+        a_full = float(st.E.sum())
+
+        # Fast path (Dinkelbach): drop every token whose expected value per second of
+        # verification is below the step's goodput, until goodput stops rising. Value/cost is
+        # non-increasing along a request's drafts, so what is dropped is always a tail.
+        tau = self.times.verify_per_token_s + self.times.verify_per_ctx_s * (
+            L[:, None] + np.arange(k)[None, :] + 1.0
+        )
+        ratio = np.where(mask, P / tau, np.inf)
+        g = a_full / t_full
+        drop = np.zeros_like(mask)
+        t_r = t_full
+        for _ in range(16):
+            new_drop = ratio < g
+            if np.array_equal(new_drop, drop):
+                break
+            a_new = a_full - float(P[new_drop].sum())
+            t_new = t_full - float(tau[new_drop].sum())
+            if a_new / t_new <= g:
+                break
+            drop, t_r, g = new_drop, t_new, a_new / t_new
+        cut = drop.sum(axis=1)
+        new_lens = lens - cut
+        expected = 1.0 + (P * ~drop).sum(axis=1)
+        if ctx.budget_s is None or t_r <= ctx.budget_s * float(expected.min()):
+            return self._decide(
+                VerifyDecision(
+                    lens=new_lens,
+                    predicted_step_s=t_r,
+                    expected_tokens=expected,
+                    pruned=int(cut.sum()),
+                    guard_refusals=self._refusals,
+                    infeasible=bool(infeasible),
+                ),
+                st.draft_s,
+                t_r - st.draft_s,
+            )
+        return self._verify_scan(ctx, lens, L, P, st, bool(infeasible))
+
+    def _verify_scan(
+        self,
+        ctx: StepContext,
+        lens: IntArray,
+        L: FloatArray,
+        P: FloatArray,
+        st: _StepState,
+        infeasible: bool,
+    ) -> VerifyDecision:
+        """Slow path when the guard binds: scan every removal count in survival order."""
+        assert ctx.budget_s is not None
+        b = ctx.batch
+        ii, jj = np.nonzero(np.arange(P.shape[1])[None, :] < lens[:, None])
+        surv = P[ii, jj]
         order = np.lexsort((-jj, surv))  # lowest survival first; a request's tail first
         ii, jj, surv = ii[order], jj[order], surv[order]
         n = ii.shape[0]
-
         s0 = lens.astype(np.float64)
-        tokens0 = float(s0.sum()) + b
-        work0 = _verify_ctx_work(L, s0)
         removed_work = np.concatenate(([0.0], np.cumsum(L[ii] + jj + 1.0)))
         removed_tok = np.arange(n + 1, dtype=np.float64)
-        a_r = float(c.E.sum()) - np.concatenate(([0.0], np.cumsum(surv)))
-        t_r = c.draft_s + self.times.verify_vec(b, tokens0 - removed_tok, work0 - removed_work)
-        g_r = a_r / t_r
-
-        if ctx.budget_s is not None:
-            # E of the request just cut back to length j is 1 + Σ_{j'<j} P; E only falls
-            prefix_e = 1.0 + np.cumsum(c.P, axis=1) - c.P
-            e_touched = prefix_e[ii, jj]
-            min_e = np.minimum(float(c.E.min()), np.minimum.accumulate(e_touched))
-            min_e = np.concatenate(([float(c.E.min())], min_e))
-            per_token = t_r / min_e
-            feasible = per_token <= ctx.budget_s
-        else:
-            per_token = t_r
-            feasible = np.ones(n + 1, dtype=np.bool_)
-
-        best_any = int(np.argmax(g_r))
-        if feasible.any():
-            r = int(np.argmax(np.where(feasible, g_r, -np.inf)))
-            refused = max(0, r - best_any)
-        else:
-            r = int(np.argmin(per_token))
-            refused = max(0, r - best_any)
-        cut = np.bincount(ii[:r], minlength=b).astype(np.int64)
-        new_lens = lens - cut
-        keep = np.arange(c.P.shape[1])[None, :] < new_lens[:, None]
-        expected = 1.0 + (c.P * keep).sum(axis=1)
-        d = VerifyDecision(
-            lens=new_lens,
-            predicted_step_s=float(t_r[r]),
-            expected_tokens=expected,
-            pruned=min(r, best_any),
-            guard_refusals=self._refusals + refused,
-            infeasible=bool(infeasible),
+        a_r = float(st.E.sum()) - np.concatenate(([0.0], np.cumsum(surv)))
+        t_r = st.draft_s + self.times.verify_vec(
+            b, float(s0.sum()) + b - removed_tok, st.work - removed_work
         )
+        g_r = a_r / t_r
+        # E of the request just cut back to length j is 1 + Σ_{j'<j} P; E only falls
+        prefix_e = 1.0 + np.cumsum(P, axis=1) - P
+        e0 = float(st.E.min())
+        min_e = np.concatenate(([e0], np.minimum(e0, np.minimum.accumulate(prefix_e[ii, jj]))))
+        per_token = t_r / min_e
+        feasible = per_token <= ctx.budget_s
+        best_any = int(np.argmax(g_r))
+        r = (
+            int(np.argmax(np.where(feasible, g_r, -np.inf)))
+            if feasible.any()
+            else int(np.argmin(per_token))
+        )
+        new_lens = lens - np.bincount(ii[:r], minlength=b).astype(np.int64)
+        keep = np.arange(P.shape[1])[None, :] < new_lens[:, None]
+        return self._decide(
+            VerifyDecision(
+                lens=new_lens,
+                predicted_step_s=float(t_r[r]),
+                expected_tokens=1.0 + (P * keep).sum(axis=1),
+                pruned=min(r, best_any),
+                guard_refusals=self._refusals + max(0, r - best_any),
+                infeasible=infeasible,
+            ),
+            st.draft_s,
+            float(t_r[r]) - st.draft_s,
+        )
+
+    def _decide(self, d: VerifyDecision, draft_s: float, verify_s: float) -> VerifyDecision:
         self._last_decision = d
+        self._predicted = (d.lens, draft_s, verify_s)
         return d
 
     # -- online correction --------------------------------------------------------------
@@ -260,19 +371,23 @@ class AdaSpecPolicy:
         b = outcome.context_lens.shape[0]
         if b == 0:
             return
-        drafted = outcome.drafted_lens if outcome.drafted_lens.size else outcome.verified_lens
-        L = outcome.context_lens.astype(np.float64)
-        k = int(drafted.max()) if drafted.size else 0
-        if k > 0:
-            j = np.arange(k)
-            mask = j[None, :] < drafted[:, None]
-            rows = mask.sum(axis=0).astype(np.float64)
-            ctx_work = (mask * (L[:, None] + j[None, :])).sum(axis=0)
-            pred_draft = float(self.times.draft_passes(rows, ctx_work).sum())
-        else:
+        cached = self._predicted
+        if cached is not None and np.array_equal(cached[0], outcome.verified_lens):
+            pred_draft, pred_verify = cached[1], cached[2]
+        else:  # observe() without the matching verify_lengths(): recompute the prediction
+            drafted = outcome.drafted_lens if outcome.drafted_lens.size else outcome.verified_lens
+            L = outcome.context_lens.astype(np.float64)
+            k = int(drafted.max()) if drafted.size else 0
             pred_draft = 0.0
-        s = outcome.verified_lens.astype(np.float64)
-        pred_verify = self.times.verify(b, float(s.sum()) + b, _verify_ctx_work(L, s))
+            if k > 0:
+                j = np.arange(k)
+                mask = j[None, :] < drafted[:, None]
+                rows = mask.sum(axis=0).astype(np.float64)
+                ctx_work = (mask * (L[:, None] + j[None, :])).sum(axis=0)
+                pred_draft = float(self.times.draft_passes(rows, ctx_work).sum())
+            s = outcome.verified_lens.astype(np.float64)
+            pred_verify = self.times.verify(b, float(s.sum()) + b, _verify_ctx_work(L, s))
+        self._predicted = None
         self.times.observe(pred_draft, outcome.draft_time_s, pred_verify, outcome.verify_time_s)
 
     def predicted_plain_step_s(self, context_lens: IntArray) -> float:

@@ -55,6 +55,8 @@ class AcceptanceCalibrator:
         rate = float(np.mean(self._prior)) if initial_rate is None else float(initial_rate)
         self._rate = rate  # running per-token acceptance, for not-yet-drafted tokens
         self._rate_weight = 0.02
+        self._updates = 0
+        self.refresh_every = 8
 
     # -- construction -------------------------------------------------------------------
 
@@ -117,11 +119,17 @@ class AcceptanceCalibrator:
         decay = self._forget ** float(tri.sum())
         self._successes = self._successes * decay + succ
         self._trials = self._trials * decay + tri
+        self._updates += 1
+        if self._updates % self.refresh_every == 0 or self._updates < self.refresh_every:
+            self._refresh()
+        step_rate = float(ok.sum()) / float(observed.sum())
+        self._rate += self._rate_weight * (step_rate - self._rate)
+
+    def _refresh(self) -> None:
+        """Recompute the monotone table (PAVA is a Python loop: not on every step)."""
         w = self._prior_weight
         raw = (w * self._prior + self._successes) / (w + self._trials)
         self._table = _isotonic(raw, w + self._trials)
-        step_rate = float(ok.sum()) / float(observed.sum())
-        self._rate += self._rate_weight * (step_rate - self._rate)
 
     def expected_error(
         self, conf: FloatArray, verified_lens: IntArray, accepted: IntArray

@@ -76,6 +76,15 @@ class StepTimePredictor:
         out: FloatArray = np.where(rows > 0, t, 0.0)
         return out
 
+    def draft_and_verify_increment(self, m: FloatArray, ctx_cumsum: FloatArray) -> FloatArray:
+        """Extra step time of drafting (one pass over m rows) and verifying one more token for
+        each of the first m candidates; `ctx_cumsum[m-1]` is Σ of their contexts."""
+        d, v = self._draft, self._verify
+        out: FloatArray = self.draft_scale * (
+            d.c0 + (d.cr + d.ct) * m + d.cc * ctx_cumsum
+        ) + self.verify_scale * ((v.ct + v.cc) * m + v.cc * ctx_cumsum)
+        return out
+
     def verify(self, rows: float, tokens: float, ctx_work: float) -> float:
         return self.verify_scale * self._verify(rows, tokens, ctx_work)
 

@@ -1,0 +1,224 @@
+"""Properties of the AdaSpec policy (pure numpy): drafter, verifier pruning, SLO guard."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from adaspec.contract import StepTimeModel, TimeModel
+from adaspec.policy import (
+    AcceptanceCalibrator,
+    AdaSpecPolicy,
+    StepContext,
+    StepOutcome,
+    StepTimePredictor,
+)
+from adaspec.policy.adaptive import StepCosts
+
+# A GPU-like model where verifying extra tokens is cheap relative to a forward pass, and a
+# CPU-like one where a draft pass costs ~40% of a verification.
+GPU_LIKE = TimeModel(
+    draft=StepTimeModel(intercept_ms=2.0, per_row_ms=0.01, per_ctx_ktoken_ms=0.002),
+    verify=StepTimeModel(
+        intercept_ms=20.0, per_row_ms=0.05, per_token_ms=0.02, per_ctx_ktoken_ms=0.004
+    ),
+)
+CPU_LIKE = TimeModel(
+    draft=StepTimeModel(intercept_ms=95.0, per_row_ms=8.0, per_ctx_ktoken_ms=4.0),
+    verify=StepTimeModel(
+        intercept_ms=235.0, per_row_ms=10.0, per_token_ms=3.0, per_ctx_ktoken_ms=6.0
+    ),
+)
+
+
+def _policy(model: TimeModel = GPU_LIKE) -> AdaSpecPolicy:
+    return AdaSpecPolicy(StepTimePredictor(model), AcceptanceCalibrator.identity())
+
+
+def run_drafting(
+    policy: AdaSpecPolicy, ctx: StepContext, conf_source: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Drive the policy like a backend does, drawing confidences from `conf_source` (B, K)."""
+    b, k = conf_source.shape
+    conf = np.zeros((b, max(ctx.max_draft, 1)))
+    lens = np.zeros(b, dtype=np.int64)
+    drafting = policy.start(ctx)
+    for j in range(ctx.max_draft):
+        if not drafting.any():
+            break
+        conf[drafting, j] = conf_source[drafting, j]
+        lens[drafting] += 1
+        drafting = drafting & policy.keep_drafting(ctx, conf, lens, drafting)
+    return conf, lens
+
+
+def step_time(policy: AdaSpecPolicy, ctx: StepContext, conf: np.ndarray, lens: np.ndarray) -> float:
+    """Predicted step time of verifying `lens` (draft passes counted from the drafted lens)."""
+    c = StepCosts(ctx, conf, lens, policy.cal, policy.times)
+    L = ctx.context_lens.astype(float)
+    s = lens.astype(float)
+    work = float(((s + 1) * L + s * (s + 1) / 2).sum())
+    return c.draft_s + policy.times.verify(ctx.batch, float(s.sum()) + ctx.batch, work)
+
+
+batch_sizes = st.integers(min_value=1, max_value=48)
+
+
+@st.composite
+def step_inputs(draw: st.DrawFn) -> tuple[StepContext, np.ndarray]:
+    b = draw(batch_sizes)
+    k = draw(st.integers(min_value=1, max_value=8))
+    seed = draw(st.integers(min_value=0, max_value=2**31 - 1))
+    rng = np.random.default_rng(seed)
+    ctx_lens = rng.integers(1, 2048, size=b).astype(np.int64)
+    conf = rng.beta(draw(st.floats(0.2, 5.0)), draw(st.floats(0.2, 5.0)), size=(b, k))
+    budget = draw(st.one_of(st.none(), st.floats(min_value=0.005, max_value=0.2)))
+    return StepContext(context_lens=ctx_lens, max_draft=k, budget_s=budget), conf
+
+
+@settings(max_examples=150, deadline=None)
+@given(step_inputs())
+def test_pruning_never_raises_predicted_step_time(inp: tuple[StepContext, np.ndarray]) -> None:
+    ctx, conf = inp
+    policy = _policy()
+    rng = np.random.default_rng(0)
+    lens = rng.integers(0, ctx.max_draft + 1, size=ctx.batch).astype(np.int64)
+    d = policy.verify_lengths(ctx, conf, lens)
+    assert np.all(d.lens <= lens) and np.all(d.lens >= 0)
+    assert d.predicted_step_s <= step_time(policy, ctx, conf, lens) + 1e-12
+
+
+@settings(max_examples=150, deadline=None)
+@given(step_inputs())
+def test_guard_never_admits_an_over_budget_step(inp: tuple[StepContext, np.ndarray]) -> None:
+    ctx, conf_source = inp
+    policy = _policy()
+    conf, lens = run_drafting(policy, ctx, conf_source)
+    d = policy.verify_lengths(ctx, conf, lens)
+    if ctx.budget_s is None:
+        return
+    worst = d.predicted_step_s / float(d.expected_tokens.min())
+    if d.infeasible:
+        plain = policy.predicted_plain_step_s(ctx.context_lens)
+        assert plain > ctx.budget_s
+        # infeasible: the least-bad plan, never worse per token than plain decoding
+        assert worst <= plain + 1e-12
+    elif d.lens.sum() > 0:
+        assert worst <= ctx.budget_s + 1e-12
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(min_value=1, max_value=64), st.integers(min_value=2, max_value=8))
+def test_all_sure_drafts_draft_and_verify_max_length(b: int, k: int) -> None:
+    policy = _policy()
+    ctx = StepContext(context_lens=np.full(b, 200, dtype=np.int64), max_draft=k)
+    policy.cal = AcceptanceCalibrator(np.linspace(0, 1, 11), np.full(10, 0.999), initial_rate=0.999)
+    conf, lens = run_drafting(policy, ctx, np.full((b, k), 0.999))
+    assert np.all(lens == k)
+    d = policy.verify_lengths(ctx, conf, lens)
+    assert np.all(d.lens == k)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(min_value=1, max_value=64), st.integers(min_value=1, max_value=8))
+def test_hopeless_drafts_mean_no_drafting(b: int, k: int) -> None:
+    policy = _policy(CPU_LIKE)
+    policy.cal = AcceptanceCalibrator(np.linspace(0, 1, 11), np.full(10, 0.01), initial_rate=0.01)
+    ctx = StepContext(context_lens=np.full(b, 300, dtype=np.int64), max_draft=k)
+    assert not policy.start(ctx).any()
+    d = policy.verify_lengths(ctx, np.zeros((b, k)), np.zeros(b, dtype=np.int64))
+    assert np.all(d.lens == 0)
+
+
+def test_requests_get_their_own_lengths() -> None:
+    """Confident requests keep drafting, unsure ones stop early (per-request early stop)."""
+    policy = _policy()
+    b, k = 4, 8
+    ctx = StepContext(context_lens=np.full(b, 100, dtype=np.int64), max_draft=k)
+    src = np.array([[0.99] * k, [0.95] * k, [0.3] * k, [0.05] * k])
+    conf, lens = run_drafting(policy, ctx, src)
+    d = policy.verify_lengths(ctx, conf, lens)
+    assert d.lens[0] > d.lens[2] >= d.lens[3]
+    assert len(set(d.lens.tolist())) >= 3
+
+
+def test_tight_budget_refuses_speculation_and_reports_refusals() -> None:
+    policy = _policy(GPU_LIKE)
+    b = 2
+    ctx_free = StepContext(context_lens=np.full(b, 100, dtype=np.int64), max_draft=4)
+    src = np.array([[0.95] * 4, [0.9] * 4])
+    conf, lens = run_drafting(policy, ctx_free, src)
+    free = policy.verify_lengths(ctx_free, conf, lens)
+    assert free.lens.sum() >= 4
+    # budget just above plain decoding: the first draft pass already takes too long
+    plain = policy.predicted_plain_step_s(ctx_free.context_lens)
+    ctx_tight = StepContext(context_lens=ctx_free.context_lens, max_draft=4, budget_s=plain * 1.01)
+    conf, lens = run_drafting(policy, ctx_tight, src)
+    tight = policy.verify_lengths(ctx_tight, conf, lens)
+    assert tight.lens.sum() == 0
+    assert tight.guard_refusals > 0
+    assert not tight.infeasible
+    ctx_impossible = StepContext(
+        context_lens=ctx_free.context_lens, max_draft=4, budget_s=plain * 0.5
+    )
+    conf, lens = run_drafting(policy, ctx_impossible, src)
+    assert lens.sum() == 0  # plain decoding is the floor
+    assert policy.verify_lengths(ctx_impossible, conf, lens).infeasible
+
+
+def test_online_calibration_learns_from_outcomes() -> None:
+    """Raw confidence 0.9 that is in truth accepted 30% of the time gets corrected."""
+    cal = AcceptanceCalibrator.identity()
+    rng = np.random.default_rng(1)
+    before = float(cal.predict(np.array([0.9]))[0])
+    for _ in range(200):
+        b, k = 8, 4
+        conf = np.full((b, k), 0.9)
+        verified = np.full(b, k)
+        acc = np.minimum(rng.geometric(0.7, size=b) - 1, k)  # P(accept)=0.3 per token
+        cal.update(conf, verified, acc)
+    after = float(cal.predict(np.array([0.9]))[0])
+    assert before > 0.85
+    # the monotone map pools the observed bin with its unobserved neighbours' priors (weight
+    # 40 each), so it lands a little above the truth
+    assert abs(after - 0.3) < 0.1
+    # monotone map
+    assert np.all(np.diff(cal.table) >= -1e-12)
+
+
+def test_time_bias_correction_tracks_a_slower_machine() -> None:
+    policy = _policy(CPU_LIKE)
+    b = 4
+    ctx_lens = np.full(b, 200, dtype=np.int64)
+    lens = np.full(b, 2, dtype=np.int64)
+    conf = np.full((b, 2), 0.8)
+    for _ in range(60):
+        s = lens.astype(float)
+        L = ctx_lens.astype(float)
+        true_verify = 1.5 * StepTimePredictor(CPU_LIKE).verify(
+            b, float(s.sum()) + b, float(((s + 1) * L + s * (s + 1) / 2).sum())
+        )
+        policy.observe(
+            StepOutcome(
+                conf=conf,
+                verified_lens=lens,
+                accepted=np.ones(b, dtype=np.int64),
+                context_lens=ctx_lens,
+                draft_time_s=0.0,
+                verify_time_s=true_verify,
+            )
+        )
+    assert policy.times.verify_scale == pytest.approx(1.5, rel=0.02)
+    assert policy.times.draft_scale == 1.0  # no draft observations: untouched
+
+
+def test_empty_batch_and_zero_max_draft() -> None:
+    policy = _policy()
+    ctx = StepContext(context_lens=np.zeros(0, dtype=np.int64), max_draft=4)
+    assert policy.start(ctx).shape == (0,)
+    d = policy.verify_lengths(ctx, np.zeros((0, 4)), np.zeros(0, dtype=np.int64))
+    assert d.lens.shape == (0,)
+    ctx = StepContext(context_lens=np.full(3, 10, dtype=np.int64), max_draft=0)
+    assert not policy.start(ctx).any()
