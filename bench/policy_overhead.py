@@ -10,14 +10,11 @@ from a Beta mix resembling the real pair (MODELS.md: most tokens sure, a tail un
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import print_table, write_json
+
 from adaspec.policy import (
     AcceptanceCalibrator,
     AdaSpecPolicy,
@@ -79,6 +76,8 @@ def main() -> int:
     ap.add_argument("--max-draft", type=int, default=8)
     ap.add_argument("--batches", default="1,16,64,256")
     args = ap.parse_args()
+    if args.steps < 5:
+        ap.error("--steps must be at least 5")
     rng = np.random.default_rng(0)
     batches = [int(x) for x in args.batches.split(",")]
     rows, results = [], []
@@ -121,7 +120,8 @@ def main() -> int:
                 spent, n = one_step(pol, ctx, src, acc)
                 times.append(spent)
                 passes.append(n)
-            t = np.array(times[20:]) * 1e6
+            warm = min(20, args.steps // 5)  # first steps warm caches and the calibrator
+            t = np.array(times[warm:]) * 1e6
             mean_passes = float(np.mean(passes))
             rows.append([b, name, float(np.median(t)), float(np.percentile(t, 90)), mean_passes])
             results.append(

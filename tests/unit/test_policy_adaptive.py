@@ -41,7 +41,7 @@ def run_drafting(
     policy: AdaSpecPolicy, ctx: StepContext, conf_source: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """Drive the policy like a backend does, drawing confidences from `conf_source` (B, K)."""
-    b, k = conf_source.shape
+    b = conf_source.shape[0]
     conf = np.zeros((b, max(ctx.max_draft, 1)))
     lens = np.zeros(b, dtype=np.int64)
     drafting = policy.start(ctx)
