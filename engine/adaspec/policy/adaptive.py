@@ -13,9 +13,11 @@ others stop for good. After the pass the real confidences replace the prediction
 goodput does not fall; each request ends up with its own length.
 
 *SLO guard*: every request emits ≥ 1 token per step, so request i's time per token in this step
-is T / E_i. A plan is admitted only if T / E_i ≤ budget for every request. Plain decoding is
-the floor; if even plain decoding breaks the budget the step is flagged infeasible and the plan
-with the lowest worst-case time per token is taken.
+is T / E_i. A plan is admitted only if T / E_i ≤ budget for every request; plain decoding is
+never refused. If even plain decoding is predicted to break the budget, no plan can meet it:
+the step is flagged infeasible (the operator adds replicas) and the guard steps aside for that
+step, since refusing speculation would only make every request slower — the step then
+maximises goodput, which at batch 1 is exactly the lowest time per token.
 
 Everything is vectorised over the batch (O(B·K) numpy work per call, no Python loop over
 requests) so the decision stays far below a step's duration.
@@ -68,7 +70,7 @@ class StepCosts:
 class _StepState:
     """Running per-step sums for the drafter (mutable; owned by one policy instance)."""
 
-    __slots__ = ("E", "L", "P", "P_last", "b", "draft_s", "s_sum", "work")
+    __slots__ = ("E", "L", "P", "P_last", "b", "budget", "draft_s", "s_sum", "work")
 
     def __init__(self, b: int, L: FloatArray, k: int) -> None:
         self.b = b
@@ -79,6 +81,7 @@ class _StepState:
         self.draft_s = 0.0
         self.s_sum = 0
         self.work = float(L.sum())
+        self.budget: float | None = None  # the guard's budget this step (None: no guard)
 
     @classmethod
     def build(
@@ -149,9 +152,19 @@ class AdaSpecPolicy:
         if ctx.max_draft <= 0 or b == 0:
             return np.zeros(b, dtype=np.bool_)
         self._state = _StepState(b, ctx.context_lens.astype(np.float64), ctx.max_draft)
+        self._state.budget = self._effective_budget(ctx)
         conf = np.zeros((b, ctx.max_draft), dtype=np.float64)
         lens = np.zeros(b, dtype=np.int64)
         return self.keep_drafting(ctx, conf, lens, np.zeros(b, dtype=np.bool_), _first=True)
+
+    def _effective_budget(self, ctx: StepContext) -> float | None:
+        """The budget the guard enforces this step: None when there is none, or when even plain
+        decoding breaks it (infeasible: nothing to protect, speculation can only help)."""
+        if ctx.budget_s is None or ctx.batch == 0:
+            return None
+        if self.predicted_plain_step_s(ctx.context_lens) > ctx.budget_s:
+            return None
+        return ctx.budget_s
 
     def _step_state(
         self, ctx: StepContext, conf: FloatArray, lens: IntArray, drafted: BoolArray
@@ -181,6 +194,7 @@ class AdaSpecPolicy:
                 st.work += float(pos.sum()) + n_new
             return st
         st = _StepState.build(ctx, conf, lens, self.cal, self.times)
+        st.budget = self._effective_budget(ctx)
         self._state = st
         return st
 
@@ -222,13 +236,14 @@ class AdaSpecPolicy:
         best_any = int(np.argmax(g_m))
         if g_m[best_any] <= g_cur * (1.0 + 1e-9):
             return out
-        if ctx.budget_s is not None:
+        budget = st.budget
+        if budget is not None:
             # Conservative on purpose: the token about to be drafted is credited nothing. Its
             # real confidence is only known after the pass is paid for; crediting its
             # *predicted* value could leave a step whose sunk draft time already breaks the
             # budget. With E counted before the pass, verifying everything drafted stays
             # admissible after the pass (E only grows), so the guard holds at verification.
-            ok = (t_m <= ctx.budget_s * float(st.E.min())) & (g_m > g_cur * (1.0 + 1e-9))
+            ok = (t_m <= budget * float(st.E.min())) & (g_m > g_cur * (1.0 + 1e-9))
             if not ok.any():
                 self._refusals += best_any + 1
                 return out
@@ -247,6 +262,7 @@ class AdaSpecPolicy:
         L = ctx.context_lens.astype(np.float64)
         t_plain = self.times.verify(b, float(b), float(L.sum())) if b else 0.0
         infeasible = ctx.budget_s is not None and t_plain > ctx.budget_s
+        budget = None if infeasible else ctx.budget_s
         if b == 0 or int(lens.sum()) == 0:
             return self._decide(
                 VerifyDecision(
@@ -290,7 +306,7 @@ class AdaSpecPolicy:
         cut = drop.sum(axis=1)
         new_lens = lens - cut
         expected = 1.0 + (P * ~drop).sum(axis=1)
-        if ctx.budget_s is None or t_r <= ctx.budget_s * float(expected.min()):
+        if budget is None or t_r <= budget * float(expected.min()):
             return self._decide(
                 VerifyDecision(
                     lens=new_lens,
@@ -303,19 +319,20 @@ class AdaSpecPolicy:
                 st.draft_s,
                 t_r - st.draft_s,
             )
-        return self._verify_scan(ctx, lens, L, P, st, bool(infeasible))
+        return self._verify_scan(ctx, budget, lens, L, P, st)
 
     def _verify_scan(
         self,
         ctx: StepContext,
+        budget: float,
         lens: IntArray,
         L: FloatArray,
         P: FloatArray,
         st: _StepState,
-        infeasible: bool,
     ) -> VerifyDecision:
-        """Slow path when the guard binds: scan every removal count in survival order."""
-        assert ctx.budget_s is not None
+        """Slow path when the guard binds: scan every removal count in survival order. If no
+        count meets the budget (the prediction moved after the drafts were paid for), take the
+        one with the lowest worst-case time per token."""
         b = ctx.batch
         ii, jj = np.nonzero(np.arange(P.shape[1])[None, :] < lens[:, None])
         surv = P[ii, jj]
@@ -335,7 +352,7 @@ class AdaSpecPolicy:
         e0 = float(st.E.min())
         min_e = np.concatenate(([e0], np.minimum(e0, np.minimum.accumulate(prefix_e[ii, jj]))))
         per_token = t_r / min_e
-        feasible = per_token <= ctx.budget_s
+        feasible = per_token <= budget
         best_any = int(np.argmax(g_r))
         r = (
             int(np.argmax(np.where(feasible, g_r, -np.inf)))
@@ -351,7 +368,7 @@ class AdaSpecPolicy:
                 expected_tokens=1.0 + (P * keep).sum(axis=1),
                 pruned=min(r, best_any),
                 guard_refusals=self._refusals + max(0, r - best_any),
-                infeasible=infeasible,
+                infeasible=False,
             ),
             st.draft_s,
             float(t_r[r]) - st.draft_s,
