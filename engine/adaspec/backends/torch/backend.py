@@ -1,0 +1,331 @@
+"""The AdaSpec step loop on CPU (or any torch device) with transformers models.
+
+Per running request the backend keeps one target slot and one draft slot (see kv.py) and:
+- `pending`: the last emitted token. It is not yet in the target cache; every step starts by
+  feeding it (plain decoding feeds only it; verification feeds it plus the drafts).
+- `draft_lag`: emitted tokens not yet in the draft cache (always ends with `pending`). It is
+  usually one token; two when every draft token was accepted (the draft never saw its own last
+  token), more when the request did not draft for a few steps. The first draft pass of a step
+  feeds all of it, so the draft catches up lazily and only when it is used.
+
+Invariant between steps: target length + 1 == draft length + len(draft_lag) == committed tokens.
+
+Draft confidence recorded for the policy: greedy requests use the draft's top-1 probability
+(softmax at temperature 1, the quantity the profiler calibrates); sampled requests use the
+probability the transformed draft distribution q gave the token it sampled.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from adaspec.backends.base import SamplingParams, SeqState, StepResult, StepStats
+from adaspec.backends.torch.runner import ModelRunner
+from adaspec.backends.torch.sampling import (
+    check_params,
+    is_greedy,
+    make_generator,
+    probs_from_logits,
+    sample,
+    verify_greedy,
+    verify_sampled,
+)
+from adaspec.policy.base import SpecPolicy, StepContext, StepOutcome, VerifyDecision
+
+AcceptanceOverride = Callable[[np.ndarray, np.ndarray], np.ndarray]
+"""(conf (B, K), verified lens (B,)) → accepted counts (B,). Synthetic-acceptance mode: the
+first `accepted[i]` draft tokens are emitted as if the target had accepted them, followed by the
+target's token at that position. For timing studies with random weights only: not lossless."""
+
+
+@dataclass
+class _Row:
+    seq_id: str
+    t_slot: int
+    d_slot: int | None
+    params: SamplingParams
+    gen: torch.Generator | None
+    pending: int
+    draft_lag: list[int] = field(default_factory=list)
+
+
+def _eos_ids(model: Any) -> frozenset[int]:
+    ids: set[int] = set()
+    for src in (getattr(model, "generation_config", None), getattr(model, "config", None)):
+        val = getattr(src, "eos_token_id", None) if src is not None else None
+        if isinstance(val, int):
+            ids.add(val)
+        elif isinstance(val, list | tuple):
+            ids.update(int(v) for v in val)
+    return frozenset(ids)
+
+
+class TorchBackend:
+    """Backend protocol implementation: continuous batching, slot KV caches with rollback,
+    batched drafting with per-request early stop, one ragged verification per step."""
+
+    def __init__(
+        self,
+        target: Any,
+        draft: Any | None,
+        *,
+        max_batch: int = 8,
+        max_model_len: int = 2048,
+        device: str = "cpu",
+        dtype: torch.dtype | None = torch.bfloat16,
+        acceptance_override: AcceptanceOverride | None = None,
+        seed: int | None = None,
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {max_model_len}")
+        self.target = ModelRunner(target, max_batch, max_model_len, device=device, dtype=dtype)
+        self.draft: ModelRunner | None = None
+        if draft is not None:
+            self.draft = ModelRunner(draft, max_batch, max_model_len, device=device, dtype=dtype)
+            if self.draft.vocab_size > self.target.vocab_size:
+                raise ValueError(
+                    f"draft vocabulary ({self.draft.vocab_size}) is larger than the target's "
+                    f"({self.target.vocab_size}); they must share a tokenizer"
+                )
+        self.max_batch = max_batch
+        self.max_model_len = max_model_len
+        self.eos_token_ids: frozenset[int] = _eos_ids(target)
+        self.acceptance_override = acceptance_override
+        self._seeds = random.Random(seed)
+        self._rows: dict[str, _Row] = {}
+
+    # ------------------------------------------------------------------ membership
+
+    @property
+    def running(self) -> int:
+        return len(self._rows)
+
+    def add(self, seq: SeqState) -> int:
+        """Prefill prompt (+ any output so far) into both caches; return the next token."""
+        if seq.seq_id in self._rows:
+            raise ValueError(f"seq_id {seq.seq_id!r} is already running")
+        check_params(seq.params, "params")
+        tokens = [*seq.prompt_ids, *seq.output_ids]
+        if not seq.prompt_ids:
+            raise ValueError("prompt_ids must not be empty")
+        if len(tokens) + 1 > self.max_model_len:
+            raise ValueError(
+                f"prompt_ids: {len(tokens)} tokens leave no room to generate "
+                f"(max_model_len={self.max_model_len})"
+            )
+        vocab = self.target.vocab_size
+        bad = [t for t in tokens if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt_ids: token id {bad[0]} outside the vocabulary [0, {vocab})")
+        if len(self._rows) >= self.max_batch:
+            raise RuntimeError(f"batch is full (max_batch={self.max_batch})")
+        t_slot = self.target.alloc()
+        d_slot = self.draft.alloc() if self.draft is not None else None
+        try:
+            logits = self.target.forward([t_slot], [tokens], last_n=1)[0]
+            if self.draft is not None and d_slot is not None:
+                self.draft.forward([d_slot], [tokens], last_n=0)
+        except BaseException:
+            self.target.free(t_slot)
+            if self.draft is not None and d_slot is not None:
+                self.draft.free(d_slot)
+            raise
+        gen = None
+        if not is_greedy(seq.params):
+            gen = make_generator(seq.params, self._seeds.getrandbits(63))
+        first = self._choose(logits[-1:], seq.params, gen)
+        self._rows[seq.seq_id] = _Row(seq.seq_id, t_slot, d_slot, seq.params, gen, first, [first])
+        return first
+
+    def remove(self, seq_id: str) -> None:
+        row = self._rows.pop(seq_id, None)
+        if row is None:
+            return
+        self.target.free(row.t_slot)
+        if self.draft is not None and row.d_slot is not None:
+            self.draft.free(row.d_slot)
+
+    # ------------------------------------------------------------------ one step
+
+    @torch.inference_mode()
+    def step(
+        self, seqs: list[SeqState], policy: SpecPolicy, max_draft: int, budget_s: float | None
+    ) -> StepResult:
+        rows = []
+        for s in seqs:
+            row = self._rows.get(s.seq_id)
+            if row is None:
+                raise KeyError(f"seq_id {s.seq_id!r} is not running (add it first)")
+            rows.append(row)
+        B = len(rows)
+        if B == 0:
+            return StepResult({}, StepStats(0, 0, 0.0, 0.0, 0, 0, 0, None, []))
+        max_draft = max(0, int(max_draft)) if self.draft is not None else 0
+        ctx_lens = np.array([self.target.length(r.t_slot) for r in rows], dtype=np.int64)
+        room = self.max_model_len - (ctx_lens + 1)
+        if (room < 0).any():
+            i = int(np.argmax(room < 0))
+            raise ValueError(f"seq {rows[i].seq_id!r} reached max_model_len={self.max_model_len}")
+        ctx = StepContext(context_lens=ctx_lens, max_draft=max_draft, budget_s=budget_s)
+        K = max_draft
+        conf = np.zeros((B, K), dtype=np.float64)
+        lens = np.zeros(B, dtype=np.int64)
+        drafts: list[list[int]] = [[] for _ in range(B)]
+        q_probs: list[list[torch.Tensor]] = [[] for _ in range(B)]
+        draft_rows: list[int] = []
+
+        t0 = time.perf_counter()
+        drafting = np.zeros(B, dtype=np.bool_)
+        if K > 0:
+            drafting = np.asarray(policy.start(ctx), dtype=np.bool_) & (room > 0)
+        for j in range(K):
+            if not drafting.any():
+                break
+            self._draft_pass(rows, np.flatnonzero(drafting), j, conf, drafts, q_probs)
+            lens[drafting] += 1
+            draft_rows.append(int(drafting.sum()))
+            if j + 1 < K:
+                keep = np.asarray(policy.keep_drafting(ctx, conf, lens, drafting), dtype=np.bool_)
+                drafting = drafting & keep & (lens < room)
+        draft_time = time.perf_counter() - t0
+
+        decision: VerifyDecision | None = None
+        verify = np.zeros(B, dtype=np.int64)
+        if K > 0:  # also when nothing was drafted: the decision carries guard refusals and
+            # infeasibility, which the metrics must see exactly when the guard refused to draft
+            decision = policy.verify_lengths(ctx, conf, lens)
+            verify = np.clip(np.asarray(decision.lens, dtype=np.int64), 0, lens)
+
+        t1 = time.perf_counter()
+        logits = self.target.forward(
+            [r.t_slot for r in rows],
+            [[r.pending, *d[: int(v)]] for r, d, v in zip(rows, drafts, verify, strict=True)],
+        )
+        forced = None
+        if self.acceptance_override is not None and verify.any():
+            forced = np.clip(
+                np.asarray(self.acceptance_override(conf, verify), dtype=np.int64), 0, verify
+            )
+        accepted = np.zeros(B, dtype=np.int64)
+        new_tokens: dict[str, list[int]] = {}
+        for i, row in enumerate(rows):
+            nv = int(verify[i])
+            n, emitted = self._accept(row, drafts[i][:nv], q_probs[i][:nv], logits[i], forced, i)
+            accepted[i] = n
+            new_tokens[row.seq_id] = emitted
+            self._commit(row, int(ctx_lens[i]), int(lens[i]), drafts[i], n, emitted[-1])
+        verify_time = time.perf_counter() - t1
+
+        policy.observe(
+            StepOutcome(
+                conf=conf,
+                verified_lens=verify,
+                accepted=accepted,
+                context_lens=ctx_lens,
+                drafted_lens=lens.copy(),
+                draft_time_s=draft_time,
+                verify_time_s=verify_time,
+            )
+        )
+        stats = StepStats(
+            batch=B,
+            draft_passes=len(draft_rows),
+            draft_time_s=draft_time,
+            verify_time_s=verify_time,
+            proposed=int(lens.sum()),
+            verified=int(verify.sum()),
+            accepted=int(accepted.sum()),
+            decision=decision,
+            spec_lens=[int(v) for v in verify],
+        )
+        return StepResult(new_tokens, stats)
+
+    # ------------------------------------------------------------------ pieces of a step
+
+    def _draft_pass(
+        self,
+        rows: list[_Row],
+        idx: np.ndarray,
+        j: int,
+        conf: np.ndarray,
+        drafts: list[list[int]],
+        q_probs: list[list[torch.Tensor]],
+    ) -> None:
+        """One draft forward over rows `idx`: pass 0 feeds each row's lag, later passes feed
+        the previous draft token. Records the new token, its confidence and (sampling) q."""
+        assert self.draft is not None
+        chosen = [rows[i] for i in idx]
+        feeds = [
+            r.draft_lag if j == 0 else [drafts[i][-1]] for i, r in zip(idx, chosen, strict=True)
+        ]
+        out = self.draft.forward(
+            [int(r.d_slot) for r in chosen if r.d_slot is not None], feeds, last_n=1
+        )
+        for i, r, lg in zip(idx, chosen, out, strict=True):
+            if j == 0:
+                r.draft_lag = []
+            lg = lg[0, : self.target.vocab_size]
+            if r.gen is None:
+                p = torch.softmax(lg, dim=-1)
+                top_p, top_i = p.max(dim=-1)
+                tok, c = int(top_i), float(top_p)
+            else:
+                q = probs_from_logits(lg[None, :], r.params.temperature, r.params.top_p)[0]
+                tok = sample(q, r.gen)
+                c = float(q[tok])
+                q_probs[i].append(q)
+            drafts[i].append(tok)
+            conf[i, j] = c
+
+    def _accept(
+        self,
+        row: _Row,
+        drafts: list[int],
+        q: list[torch.Tensor],
+        logits: torch.Tensor,
+        forced: np.ndarray | None,
+        i: int,
+    ) -> tuple[int, list[int]]:
+        if forced is not None:
+            n = int(forced[i])
+            return n, [*drafts[:n], self._choose(logits[n : n + 1], row.params, row.gen)]
+        if row.gen is None:
+            v = verify_greedy(drafts, logits)
+        else:
+            p = probs_from_logits(logits, row.params.temperature, row.params.top_p)
+            qs = torch.stack(q) if q else torch.empty((0, p.shape[1]))
+            if qs.shape[1] < p.shape[1]:  # draft vocab smaller: its q is 0 beyond it
+                qs = torch.nn.functional.pad(qs, (0, p.shape[1] - qs.shape[1]))
+            v = verify_sampled(drafts, qs, p, row.gen)
+        return v.accepted, v.tokens
+
+    def _commit(
+        self, row: _Row, ctx_len: int, drafted: int, drafts: list[int], n: int, x: int
+    ) -> None:
+        """Roll both caches back to the accepted prefix and queue what the draft has not seen."""
+        self.target.truncate(row.t_slot, ctx_len + 1 + n)
+        if drafted > 0 and self.draft is not None and row.d_slot is not None:
+            # The draft cache holds the committed tokens plus drafts[:drafted-1].
+            in_cache = min(n, drafted - 1)
+            self.draft.truncate(row.d_slot, ctx_len + 1 + in_cache)
+            row.draft_lag = [*drafts[in_cache:n], x]
+        else:
+            row.draft_lag.append(x)
+        row.pending = x
+
+    def _choose(
+        self, logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None
+    ) -> int:
+        """The target's own token from a [1, V] logits row (greedy or sampled)."""
+        if gen is None:
+            return int(logits[0].argmax())
+        return sample(probs_from_logits(logits, params.temperature, params.top_p)[0], gen)
