@@ -189,15 +189,16 @@ def engine_resources(spec: SpecServiceSpec) -> dict[str, Any]:
 
 
 def _model_args(spec: SpecServiceSpec) -> list[str]:
-    args = ["--target", spec.target_model.name, "--draft", spec.draft_model.name]
-    if spec.target_model.revision:
-        args += ["--target-revision", spec.target_model.revision]
-    if spec.draft_model.revision:
-        args += ["--draft-revision", spec.draft_model.revision]
+    # revisions are rejected by validation until the engine can pin one (see validation.py)
+    return ["--target", spec.target_model.name, "--draft", spec.draft_model.name]
+
+
+def _backend_args(spec: SpecServiceSpec) -> list[str]:
+    """Engine-only flags: the profiler always times the torch backend on the pod's hardware."""
     if spec.engine.backend == "vllm":
         tp = str(spec.engine.tensor_parallel_size)
-        args += ["--backend", "vllm", "--tensor-parallel-size", tp]
-    return args
+        return ["--backend", "vllm", "--tensor-parallel-size", tp]
+    return []
 
 
 def _scheduling(spec: SpecServiceSpec) -> dict[str, Any]:
@@ -231,7 +232,7 @@ def profiling_job(owner: Mapping[str, Any], spec: SpecServiceSpec) -> Body:
         TERMINATION_LOG,
         "--batch-sizes",
         ",".join(str(b) for b in p.batch_sizes),
-        "--context-lens",
+        "--context-lengths",
         ",".join(str(c) for c in p.context_lens),
     ]
     labels = common_labels(name, PROFILER_NAME)
@@ -286,6 +287,7 @@ def engine_deployment(
         "--port",
         str(port),
         *_model_args(spec),
+        *_backend_args(spec),
         "--policy-file",
         POLICY_FILE,
     ]

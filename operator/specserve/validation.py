@@ -109,6 +109,15 @@ def semantic_errors(spec: SpecServiceSpec) -> list[FieldError]:
                 f"{s.fixed_draft_tokens} exceeds maxDraftTokens {s.max_draft_tokens}",
             )
         )
+    for key, model in (("targetModel", spec.target_model), ("draftModel", spec.draft_model)):
+        if model.revision:
+            errors.append(
+                FieldError(
+                    f"spec.{key}.revision",
+                    "is not supported yet: the engine loads local folders, .gguf files and "
+                    "built-in hash-pinned models, so pin a version through the name/path",
+                )
+            )
     if (
         s.mode is not SpecMode.off
         and spec.draft_model.name == spec.target_model.name

@@ -58,7 +58,7 @@ def test_profiling_job_runs_the_engine_profile_contract() -> None:
         ("--out", "/tmp/profile.json"),
         ("--termination-log", "/dev/termination-log"),
         ("--batch-sizes", "1,4"),
-        ("--context-lens", "256"),
+        ("--context-lengths", "256"),
     ]:
         assert args[args.index(flag) + 1] == value
     assert "--print-json" in args
