@@ -1,0 +1,313 @@
+"""Validate the simulator against the real engine, then replay the production traces with a
+GPU-class profile as load grows, with the oracle best static K per window (regret).
+
+    python bench/sim_validate.py validate \
+        --measured bench/results/compare_policies-real-adaspec-conv.json [--profile P.json]
+        # sim vs measured P90 TPOT and throughput (target ±10 %)
+    python bench/sim_validate.py production [--loads 1,4,16] [--traces adaspec-conv,...]
+
+`validate` rebuilds the measured run's scaled trace from its JSON (trace, scale, seed, rounds,
+max batch, SLO) and simulates every measured policy the same way (fresh policy per window).
+`production` replays the full AdaSpec windows (lengths paired from the source traces with the
+paper's caps) with `--profile` (default: the H200 ESTIMATE) at each load factor (arrivals
+compressed ×factor), runs every policy plus fixed K = 1…`--oracle-max-k`, and reports AdaSpec's
+goodput against the oracle static K for the whole window and per `--window-s` slice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from _common import RESULTS, print_table, write_json
+from replay.report import best_static
+from replay.runs import DEFAULT_POLICIES, PolicyRun, sim_runs
+
+from adaspec.contract import Profile, StepTimeModel, TimeModel
+from adaspec.sim import (
+    ScaleSpec,
+    SimConfig,
+    TraceError,
+    load_acceptance_model,
+    load_builtin_profile,
+    load_trace,
+    rate_scaled,
+    scale_trace,
+    windowed_goodput,
+)
+
+WINDOWS = ("adaspec-conv", "adaspec-code", "adaspec-mooncake")
+
+
+def scaled_profile(profile: Profile, f: float) -> Profile:
+    """The same profile with every time coefficient multiplied by f."""
+
+    def sc(m: StepTimeModel) -> StepTimeModel:
+        return m.model_copy(
+            update={
+                "intercept_ms": m.intercept_ms * f,
+                "per_row_ms": m.per_row_ms * f,
+                "per_token_ms": m.per_token_ms * f,
+                "per_ctx_ktoken_ms": m.per_ctx_ktoken_ms * f,
+            }
+        )
+
+    tm = profile.time_model
+    return profile.model_copy(
+        update={"time_model": TimeModel(draft=sc(tm.draft), verify=sc(tm.verify))}
+    )
+
+
+def _err(sim: float, real: float) -> float:
+    return sim / real - 1.0 if real else float("nan")
+
+
+def validate(args: argparse.Namespace) -> int:
+    path = Path(args.measured)
+    if not path.exists():
+        print(f"error: --measured {path} does not exist (run compare_policies --engine real)")
+        return 2
+    m: dict[str, Any] = json.loads(path.read_text())
+    trace = load_trace(m["trace"], args.trace_dir, seed=m["seed"])
+    if m.get("scale"):
+        trace = scale_trace(trace, ScaleSpec(**m["scale"]))
+    profile = load_builtin_profile(args.profile)
+    kinds = list(m["policies"])
+    cfg = SimConfig(max_batch=m["max_batch"], noise_sigma=args.noise, seed=m["seed"])
+    acceptance = load_acceptance_model(args.acceptance) if args.acceptance else None
+    rounds = args.rounds or int(m.get("rounds", 1))
+
+    def simulate_all(prof: Profile, which: list[str]) -> dict[str, PolicyRun]:
+        return sim_runs(
+            trace, prof, which, m["tpot_slo_ms"], m["tpot_budget_ms"], cfg,
+            acceptance=acceptance, max_draft=m["max_draft"], rounds=rounds,
+        )  # fmt: skip
+
+    scale = 1.0
+    if args.calibrate_on:
+        # one-point calibration: scale the whole time model so that the calibration policy's
+        # simulated mean TPOT matches the measured one (a few fixed-point iterations; queueing
+        # makes TPOT slightly non-linear in the scale). The other policies are predictions.
+        ref = m["policies"][args.calibrate_on]["summary"]["tpot_mean_ms"]
+        for _ in range(4):
+            got = simulate_all(scaled_profile(profile, scale), [args.calibrate_on])
+            scale *= ref / got[args.calibrate_on].summary.tpot_mean_ms
+        profile = scaled_profile(profile, scale)
+        print(f"time model scaled ×{scale:.3f} to match {args.calibrate_on}'s mean TPOT")
+    runs = simulate_all(profile, kinds)
+    rows, out = [], {}
+    for k in kinds:
+        real = m["policies"][k]["summary"]
+        sim = runs[k].summary
+        e_p90 = _err(sim.tpot_p90_ms, real["tpot_p90_ms"])
+        e_thr = _err(sim.throughput_tok_s, real["throughput_tok_s"])
+        e_mean = _err(sim.tpot_mean_ms, real["tpot_mean_ms"])
+        rows.append(
+            [k, real["tpot_p90_ms"], sim.tpot_p90_ms, e_p90, real["throughput_tok_s"],
+             sim.throughput_tok_s, e_thr, e_mean]
+        )  # fmt: skip
+        out[k] = {
+            "measured": real,
+            "simulated": sim.model_dump(),
+            "p90_tpot_error": e_p90,
+            "throughput_error": e_thr,
+            "mean_tpot_error": e_mean,
+        }
+    print(f"simulated ({args.profile}) vs measured ({path.name}); target |error| ≤ 10 %")
+    print_table(
+        ["policy", "P90 meas", "P90 sim", "P90 err", "thr meas", "thr sim", "thr err", "mean err"],
+        rows,
+    )
+    worst_p90 = max(abs(v["p90_tpot_error"]) for v in out.values())
+    worst_thr = max(abs(v["throughput_error"]) for v in out.values())
+    print(f"worst |error|: P90 TPOT {worst_p90:.1%}, throughput {worst_thr:.1%}")
+    p = write_json(
+        f"sim_validate-{m['trace']}",
+        {"measured_file": str(path), "profile": args.profile, "acceptance": args.acceptance,
+         "calibrated_on": args.calibrate_on, "time_scale": scale, "policies": out,
+         "worst_p90_tpot_error": worst_p90, "worst_throughput_error": worst_thr},
+    )  # fmt: skip
+    print(f"wrote {p}")
+    return 0
+
+
+def production(args: argparse.Namespace) -> int:
+    profile = load_builtin_profile(args.profile)
+    acceptance = load_acceptance_model(args.acceptance) if args.acceptance else None
+    loads = [float(x) for x in args.loads.split(",")]
+    kinds = [k for k in args.policies.split(",") if k]
+    oracle_ks = [f"fixed-{k}" for k in range(1, args.oracle_max_k + 1)]
+    all_kinds = list(dict.fromkeys(kinds + oracle_ks))
+    budget = args.tpot_budget_ms or 0.9 * args.tpot_slo_ms
+    cfg = SimConfig(max_batch=args.max_batch, noise_sigma=args.noise, seed=args.seed)
+    slo_s = args.tpot_slo_ms / 1000.0
+    results: dict[str, Any] = {}
+    table: list[list[object]] = []
+    for name in args.traces.split(","):
+        base = load_trace(name, args.trace_dir, seed=args.seed)
+        if args.max_requests:
+            base = scale_trace(base, ScaleSpec(max_requests=args.max_requests))
+        results[name] = {}
+        for f in loads:
+            tr = rate_scaled(base, f)
+            t0 = time.monotonic()
+            runs = sim_runs(tr, profile, all_kinds, args.tpot_slo_ms, budget, cfg, acceptance)
+            sums = {k: r.summary for k, r in runs.items()}
+            static = ["off", *oracle_ks]
+            oracle_k = max(static, key=lambda k: sums[k].goodput_tok_s)
+            horizon = max(tr.span_s, args.window_s)
+            per_win = {
+                k: windowed_goodput(runs[k].records, slo_s, args.window_s, horizon) for k in static
+            }
+            oracle_win = np.max(np.stack([per_win[k] for k in static]), axis=0)
+            ada = sums.get("adaptive")
+            ada_win = (
+                windowed_goodput(runs["adaptive"].records, slo_s, args.window_s, horizon)
+                if ada
+                else None
+            )
+            res: dict[str, Any] = {
+                "rate_req_s": tr.mean_rate,
+                "policies": {k: s.model_dump() for k, s in sums.items()},
+                "oracle_static": oracle_k,
+                "best_static_k_1_5": best_static({k: sums[k] for k in sums if k in kinds}),
+                "oracle_window_goodput": float(oracle_win.mean()),
+                "wall_s": time.monotonic() - t0,
+            }
+            best_p90 = min(static, key=lambda k: sums[k].tpot_p90_ms)
+            res["best_static_p90"] = best_p90
+            if ada is not None and ada_win is not None:
+                res["adaptive_vs_oracle"] = ada.goodput_tok_s / sums[oracle_k].goodput_tok_s
+                res["adaptive_vs_oracle_window"] = float(ada_win.mean() / oracle_win.mean())
+                res["adaptive_p90_vs_best_static_p90"] = (
+                    ada.tpot_p90_ms / sums[best_p90].tpot_p90_ms
+                )
+                if "off" in sums:
+                    res["adaptive_goodput_vs_off"] = ada.goodput_tok_s / sums["off"].goodput_tok_s
+                    res["adaptive_p90_vs_off"] = ada.tpot_p90_ms / sums["off"].tpot_p90_ms
+            results[name][f"x{f:g}"] = res
+            for k in kinds:
+                s = sums[k]
+                table.append(
+                    [name, f"x{f:g}", k, s.tpot_p90_ms, s.tpot_mean_ms, s.slo_attainment,
+                     s.goodput_tok_s, s.throughput_tok_s,
+                     s.mean_spec_len if s.mean_spec_len is not None else "-",
+                     s.acceptance if s.acceptance is not None else "-",
+                     s.goodput_tok_s / sums[oracle_k].goodput_tok_s,
+                     s.tpot_p90_ms / sums[best_p90].tpot_p90_ms]
+                )  # fmt: skip
+            print(
+                f"{name} x{f:g}: {tr.mean_rate:.1f} req/s, oracle static {oracle_k} (lowest P90: "
+                f"{best_p90}), AdaSpec/"
+                f"oracle {res.get('adaptive_vs_oracle', float('nan')):.3f} (whole), "
+                f"{res.get('adaptive_vs_oracle_window', float('nan')):.3f} (per "
+                f"{args.window_s:g} s window); {res['wall_s']:.0f} s",
+                flush=True,
+            )
+    print_table(
+        [
+            "trace",
+            "load",
+            "policy",
+            "P90 ms",
+            "mean ms",
+            "SLO att.",
+            "goodput",
+            "thruput",
+            "spec",
+            "accept",
+            "good/oracle",
+            "P90/bestP90",
+        ],
+        table,
+    )
+    tag = args.tag
+    p = write_json(
+        f"sim_production{tag}",
+        {"profile": args.profile, "tpot_slo_ms": args.tpot_slo_ms, "tpot_budget_ms": budget,
+         "max_batch": args.max_batch, "loads": loads, "window_s": args.window_s,
+         "seed": args.seed, "traces": results},
+    )  # fmt: skip
+    png = _plot(results, kinds, RESULTS / f"sim_production{tag}.png", args.tpot_slo_ms)
+    print(f"wrote {p} and {png}")
+    return 0
+
+
+def _plot(results: dict[str, Any], kinds: list[str], path: Path, slo_ms: float) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    fig, axes = plt.subplots(2, len(names), figsize=(5 * len(names), 7), squeeze=False)
+    for c, name in enumerate(names):
+        loads = list(results[name])
+        rate = [results[name][x]["rate_req_s"] for x in loads]
+        for k in kinds:
+            good = [results[name][x]["policies"][k]["goodput_tok_s"] for x in loads]
+            p90 = [results[name][x]["policies"][k]["tpot_p90_ms"] for x in loads]
+            style = {"lw": 2.8, "color": "black"} if k == "adaptive" else {"lw": 1}
+            axes[0][c].plot(rate, good, marker="o", label=k, **style)
+            axes[1][c].plot(rate, p90, marker="o", label=k, **style)
+        oracle = [
+            results[name][x]["policies"][results[name][x]["oracle_static"]]["goodput_tok_s"]
+            for x in loads
+        ]
+        axes[0][c].plot(rate, oracle, color="gray", ls="--", lw=2, label="oracle static K")
+        axes[1][c].axhline(slo_ms, color="tab:blue", ls=":", label="SLO")
+        axes[0][c].set_title(f"{name}: goodput (tok/s)")
+        axes[1][c].set_title("P90 TPOT (ms)")
+        for ax in axes[:, c]:
+            ax.set_xscale("log")
+            ax.set_xlabel("request rate (req/s)")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--trace-dir", type=Path, default=Path("/work/shared/traces"))
+    p.add_argument("--noise", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--acceptance", help="AcceptanceModel JSON; default: the profile's calibration")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    v = sub.add_parser("validate")
+    v.add_argument("--measured", required=True)
+    v.add_argument("--profile", default="cpu-qwen-coder-estimate")
+    v.add_argument("--rounds", type=int, help="default: the measured run's")
+    v.add_argument(
+        "--calibrate-on",
+        help="policy (e.g. off) whose measured mean TPOT sets one scale factor for the time "
+        "model (the machine's current speed); the other policies are then predictions",
+    )
+    q = sub.add_parser("production")
+    q.add_argument("--profile", default="h200-7b-0.5b-synthetic")
+    q.add_argument("--traces", default=",".join(WINDOWS))
+    q.add_argument("--loads", default="1,4,16")
+    q.add_argument("--policies", default=",".join(DEFAULT_POLICIES))
+    q.add_argument("--oracle-max-k", type=int, default=6)
+    q.add_argument("--tpot-slo-ms", type=float, default=40.0)
+    q.add_argument("--tpot-budget-ms", type=float, help="default: 0.9 × SLO")
+    q.add_argument("--max-batch", type=int, default=256)
+    q.add_argument("--window-s", type=float, default=60.0)
+    q.add_argument("--max-requests", type=int, help="first N requests only (smoke runs)")
+    q.add_argument("--tag", default="")
+    args = p.parse_args(argv)
+    try:
+        return validate(args) if args.cmd == "validate" else production(args)
+    except (TraceError, FileNotFoundError, ValueError, KeyError) as e:
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
