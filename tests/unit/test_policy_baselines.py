@@ -93,3 +93,28 @@ def test_override_and_limits() -> None:
     assert limits_for(p, "smartspec").budget_s is None  # baselines have no SLO guard
     with pytest.raises(ValueError, match="unknown --spec-policy 'bogus'"):
         PolicySelector(override="bogus")
+
+
+def test_smartspec_probes_again_after_a_hard_patch() -> None:
+    pol = SmartSpecPolicy()
+    b, k = 4, 8
+    ctx = StepContext(np.full(b, 100, dtype=np.int64), max_draft=k)
+    hard = StepOutcome(
+        conf=np.zeros((b, k)),
+        verified_lens=np.full(b, k),
+        accepted=np.zeros(b, dtype=np.int64),
+        context_lens=np.full(b, 100),
+    )
+    plain = StepOutcome(
+        conf=np.zeros((b, 0)),
+        verified_lens=np.zeros(b, dtype=np.int64),
+        accepted=np.zeros(b, dtype=np.int64),
+        context_lens=np.full(b, 100),
+    )
+    pol.observe(hard)
+    assert pol.choose_k(ctx) == 0
+    steps = 0
+    while pol.choose_k(ctx) == 0 and steps < 1000:
+        pol.observe(plain)
+        steps += 1
+    assert 0 < steps < 1000

@@ -183,13 +183,6 @@ def test_fit_acceptance_recovers_a_known_model() -> None:
         fit_acceptance([])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known engine gap (adaspec.policy.calibration): the running acceptance rate that "
-    "prices the first draft token is only updated from drafted tokens, so after a run of hard "
-    "requests pushes it below break-even AdaSpec stops drafting and never learns that later "
-    "requests are easy (seen on the Mooncake window: speculation off for the last 350 s)",
-)
 def test_adaspec_resumes_speculation_after_hard_requests() -> None:
     from adaspec.sim.simulator import policy_for
 

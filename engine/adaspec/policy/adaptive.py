@@ -383,7 +383,9 @@ class AdaSpecPolicy:
 
     def observe(self, outcome: StepOutcome) -> None:
         conf = outcome.conf
-        if conf.ndim == 2 and conf.shape[1] > 0:
+        if int(outcome.verified_lens.sum()) == 0:
+            self.cal.relax()
+        elif conf.ndim == 2 and conf.shape[1] > 0:
             self.cal.update(conf, outcome.verified_lens, outcome.accepted)
         b = outcome.context_lens.shape[0]
         if b == 0:

@@ -130,8 +130,15 @@ class SmartSpecPolicy:
         return _plain_decision(ctx.batch, lens)
 
     def observe(self, outcome: StepOutcome) -> None:
+        verified = float(outcome.verified_lens.sum())
+        if verified == 0:
+            # K=0 yields no new evidence: forget slowly so α falls back to its prior and the
+            # policy probes again instead of staying off for good after a few hard tokens
+            self._accepted *= 0.99
+            self._verified *= 0.99
+            return
         self._accepted += float(outcome.accepted.sum())
-        self._verified += float(outcome.verified_lens.sum())
+        self._verified += verified
 
 
 class ThresholdPolicy:

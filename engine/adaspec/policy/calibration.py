@@ -54,6 +54,7 @@ class AcceptanceCalibrator:
         self._table = self._prior.copy()
         rate = float(np.mean(self._prior)) if initial_rate is None else float(initial_rate)
         self._rate = rate  # running per-token acceptance, for not-yet-drafted tokens
+        self._prior_rate = rate
         self._rate_weight = 0.02
         self._updates = 0
         self.refresh_every = 8
@@ -124,6 +125,14 @@ class AcceptanceCalibrator:
             self._refresh()
         step_rate = float(ok.sum()) / float(observed.sum())
         self._rate += self._rate_weight * (step_rate - self._rate)
+
+    def relax(self, weight: float = 0.01) -> None:
+        """Move the running rate back towards its prior; called on steps that drafted nothing.
+
+        The rate is only learned from drafted tokens, so after a run of hard requests pushes it
+        below break-even nothing would ever be drafted again to show that later requests are
+        easy. Relaxing while idle makes the policy probe again after ~100 plain steps."""
+        self._rate += weight * (self._prior_rate - self._rate)
 
     def _refresh(self) -> None:
         """Recompute the monotone table (PAVA is a Python loop: not on every step)."""
