@@ -336,8 +336,9 @@ def test_policy_changes_apply_at_the_next_step() -> None:
 
 
 def test_adaptive_policy_reports_predictions_and_guard() -> None:
-    # A tight budget: the SLO guard must refuse drafts (the CPU prior predicts ~0.25 s steps).
-    tight = default_policy(tpot_slo_ms=50.0, max_draft_tokens=4)
+    # The CPU prior predicts ~0.25 s plain steps and ~0.36 s with one draft pass: a 300 ms
+    # budget is feasible for plain decoding, so the guard must refuse every draft pass.
+    tight = default_policy(tpot_slo_ms=300.0, max_draft_tokens=4)
     engine, _ = make_engine(ScriptedBackend(), policy=tight)
 
     async def go() -> Any:
@@ -345,12 +346,28 @@ def test_adaptive_policy_reports_predictions_and_guard() -> None:
 
     final = run(engine, go)
     assert final.completion_tokens == 30
-    assert sample(engine, mn.POLICY_BUDGET) == pytest.approx(0.05)
-    assert sample(engine, mn.SLO_INFEASIBLE) == 1.0
+    assert sample(engine, mn.POLICY_BUDGET) == pytest.approx(0.3)
+    assert sample(engine, mn.SLO_INFEASIBLE) == 0.0
     assert sample(engine, mn.SLO_GUARD_REFUSALS) > 0
-    assert sample(engine, mn.DRAFT_PROPOSED) == 0  # plain decoding is the floor
+    assert sample(engine, mn.DRAFT_PROPOSED) == 0  # the guard refused every draft pass
     assert sample(engine, mn.STEP_PREDICTED + "_count") > 0
     assert sample(engine, mn.STEP_DURATION + "_count") > 0
+
+
+def test_infeasible_budget_is_reported_and_speculation_still_runs() -> None:
+    # 50 ms is below even plain decoding's predicted step: nothing can meet it, so the step is
+    # flagged infeasible (the operator scales out) and the guard steps aside.
+    impossible = default_policy(tpot_slo_ms=50.0, max_draft_tokens=4)
+    engine, _ = make_engine(ScriptedBackend(), policy=impossible)
+
+    async def go() -> Any:
+        return await engine.submit(PROMPT, greedy(30)).collect()
+
+    final = run(engine, go)
+    assert final.completion_tokens == 30
+    assert sample(engine, mn.SLO_INFEASIBLE) == 1.0
+    assert sample(engine, mn.SLO_GUARD_REFUSALS) == 0
+    assert sample(engine, mn.DRAFT_PROPOSED) > 0
 
 
 class FlakyCodec(ByteCodec):

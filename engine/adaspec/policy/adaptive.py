@@ -15,9 +15,10 @@ goodput does not fall; each request ends up with its own length.
 *SLO guard*: every request emits ≥ 1 token per step, so request i's time per token in this step
 is T / E_i. A plan is admitted only if T / E_i ≤ budget for every request; plain decoding is
 never refused. If even plain decoding is predicted to break the budget, no plan can meet it:
-the step is flagged infeasible (the operator adds replicas) and the guard steps aside for that
-step, since refusing speculation would only make every request slower — the step then
-maximises goodput, which at batch 1 is exactly the lowest time per token.
+the step is flagged infeasible (the operator adds replicas) and the guard switches to damage
+control: a draft pass is admitted only if it lowers the predicted worst time per token,
+max_i T / E_i. At batch 1 that is exactly "speculate when it lowers TPOT"; in a large batch it
+stops drafting that would slow down the requests that do not draft.
 
 Everything is vectorised over the batch (O(B·K) numpy work per call, no Python loop over
 requests) so the decision stays far below a step's duration.
@@ -70,7 +71,7 @@ class StepCosts:
 class _StepState:
     """Running per-step sums for the drafter (mutable; owned by one policy instance)."""
 
-    __slots__ = ("E", "L", "P", "P_last", "b", "budget", "draft_s", "s_sum", "work")
+    __slots__ = ("E", "L", "P", "P_last", "b", "budget", "draft_s", "infeasible", "s_sum", "work")
 
     def __init__(self, b: int, L: FloatArray, k: int) -> None:
         self.b = b
@@ -82,6 +83,7 @@ class _StepState:
         self.s_sum = 0
         self.work = float(L.sum())
         self.budget: float | None = None  # the guard's budget this step (None: no guard)
+        self.infeasible = False  # even plain decoding breaks the budget: damage control
 
     @classmethod
     def build(
@@ -152,19 +154,16 @@ class AdaSpecPolicy:
         if ctx.max_draft <= 0 or b == 0:
             return np.zeros(b, dtype=np.bool_)
         self._state = _StepState(b, ctx.context_lens.astype(np.float64), ctx.max_draft)
-        self._state.budget = self._effective_budget(ctx)
+        self._set_budget(self._state, ctx)
         conf = np.zeros((b, ctx.max_draft), dtype=np.float64)
         lens = np.zeros(b, dtype=np.int64)
         return self.keep_drafting(ctx, conf, lens, np.zeros(b, dtype=np.bool_), _first=True)
 
-    def _effective_budget(self, ctx: StepContext) -> float | None:
-        """The budget the guard enforces this step: None when there is none, or when even plain
-        decoding breaks it (infeasible: nothing to protect, speculation can only help)."""
-        if ctx.budget_s is None or ctx.batch == 0:
-            return None
-        if self.predicted_plain_step_s(ctx.context_lens) > ctx.budget_s:
-            return None
-        return ctx.budget_s
+    def _set_budget(self, st: _StepState, ctx: StepContext) -> None:
+        st.budget = ctx.budget_s if ctx.batch else None
+        st.infeasible = (
+            st.budget is not None and self.predicted_plain_step_s(ctx.context_lens) > st.budget
+        )
 
     def _step_state(
         self, ctx: StepContext, conf: FloatArray, lens: IntArray, drafted: BoolArray
@@ -194,7 +193,7 @@ class AdaSpecPolicy:
                 st.work += float(pos.sum()) + n_new
             return st
         st = _StepState.build(ctx, conf, lens, self.cal, self.times)
-        st.budget = self._effective_budget(ctx)
+        self._set_budget(st, ctx)
         self._state = st
         return st
 
@@ -237,7 +236,21 @@ class AdaSpecPolicy:
         if g_m[best_any] <= g_cur * (1.0 + 1e-9):
             return out
         budget = st.budget
-        if budget is not None:
+        if st.infeasible:
+            # damage control: admit the prefix only if it lowers max_i T / E_i, crediting the
+            # drafted tokens their predicted value (E of the others is unchanged)
+            e_cur = float(st.E.min())
+            fixed = ~cand
+            fixed_min = float(st.E[fixed].min()) if fixed.any() else np.inf
+            chosen_min = np.minimum.accumulate(st.E[idx] + gain)
+            suffix = np.minimum.accumulate(st.E[idx][::-1])[::-1]
+            rest_min = np.append(suffix[1:], np.inf)
+            min_e = np.minimum(np.minimum(chosen_min, rest_min), fixed_min)
+            ok = (t_m / min_e < t_cur / e_cur) & (g_m > g_cur * (1.0 + 1e-9))
+            if not ok.any():
+                return out
+            best = int(np.argmax(np.where(ok, g_m, -np.inf)))
+        elif budget is not None:
             # Conservative on purpose: the token about to be drafted is credited nothing. Its
             # real confidence is only known after the pass is paid for; crediting its
             # *predicted* value could leave a step whose sunk draft time already breaks the
@@ -262,7 +275,7 @@ class AdaSpecPolicy:
         L = ctx.context_lens.astype(np.float64)
         t_plain = self.times.verify(b, float(b), float(L.sum())) if b else 0.0
         infeasible = ctx.budget_s is not None and t_plain > ctx.budget_s
-        budget = None if infeasible else ctx.budget_s
+        budget = ctx.budget_s
         if b == 0 or int(lens.sum()) == 0:
             return self._decide(
                 VerifyDecision(
@@ -306,7 +319,7 @@ class AdaSpecPolicy:
         cut = drop.sum(axis=1)
         new_lens = lens - cut
         expected = 1.0 + (P * ~drop).sum(axis=1)
-        if budget is None or t_r <= budget * float(expected.min()):
+        if budget is None or (not infeasible and t_r <= budget * float(expected.min())):
             return self._decide(
                 VerifyDecision(
                     lens=new_lens,
@@ -319,20 +332,20 @@ class AdaSpecPolicy:
                 st.draft_s,
                 t_r - st.draft_s,
             )
-        return self._verify_scan(ctx, budget, lens, L, P, st)
+        return self._verify_scan(ctx, None if infeasible else budget, lens, L, P, st)
 
     def _verify_scan(
         self,
         ctx: StepContext,
-        budget: float,
+        budget: float | None,
         lens: IntArray,
         L: FloatArray,
         P: FloatArray,
         st: _StepState,
     ) -> VerifyDecision:
-        """Slow path when the guard binds: scan every removal count in survival order. If no
-        count meets the budget (the prediction moved after the drafts were paid for), take the
-        one with the lowest worst-case time per token."""
+        """Slow path when the guard binds: scan every removal count in survival order. With no
+        budget to meet (infeasible step), or when no count meets it (the prediction moved after
+        the drafts were paid for), take the one with the lowest worst-case time per token."""
         b = ctx.batch
         ii, jj = np.nonzero(np.arange(P.shape[1])[None, :] < lens[:, None])
         surv = P[ii, jj]
@@ -352,7 +365,7 @@ class AdaSpecPolicy:
         e0 = float(st.E.min())
         min_e = np.concatenate(([e0], np.minimum(e0, np.minimum.accumulate(prefix_e[ii, jj]))))
         per_token = t_r / min_e
-        feasible = per_token <= budget
+        feasible = per_token <= budget if budget is not None else np.zeros_like(per_token, bool)
         best_any = int(np.argmax(g_r))
         r = (
             int(np.argmax(np.where(feasible, g_r, -np.inf)))
@@ -367,8 +380,8 @@ class AdaSpecPolicy:
                 predicted_step_s=float(t_r[r]),
                 expected_tokens=1.0 + (P * keep).sum(axis=1),
                 pruned=min(r, best_any),
-                guard_refusals=self._refusals + max(0, r - best_any),
-                infeasible=False,
+                guard_refusals=self._refusals + (max(0, r - best_any) if budget else 0),
+                infeasible=budget is None,
             ),
             st.draft_s,
             float(t_r[r]) - st.draft_s,
