@@ -3,7 +3,7 @@
 PY ?= .venv/bin/python
 VENV ?= .venv
 
-.PHONY: run test test-unit test-integration test-e2e lint bench envtest images chart install
+.PHONY: run test test-unit test-integration test-e2e test-vllm lint bench envtest images chart install demo
 
 $(VENV)/.installed: pyproject.toml scripts/install.sh
 	bash scripts/install.sh $(VENV)
@@ -36,6 +36,10 @@ bench: $(VENV)/.installed
 
 envtest:
 	bash scripts/envtest.sh
+
+# The whole loop on this machine: local control plane, node agent, Prometheus, operator.
+demo: $(VENV)/.installed envtest
+	$(VENV)/bin/specserve demo
 
 images:
 	docker build --target engine -t specserve/engine:dev .

@@ -55,6 +55,10 @@ class Validated:
         return "; ".join(str(e) for e in self.errors)
 
 
+MIN_PROFILE_POINTS = 6
+"""adaspec profile refuses fewer draft-step points (batch sizes × context lengths)."""
+
+
 def _pydantic_errors(err: ValidationError) -> list[FieldError]:
     out = []
     for e in err.errors():
@@ -107,6 +111,16 @@ def semantic_errors(spec: SpecServiceSpec) -> list[FieldError]:
             FieldError(
                 "spec.speculation.fixedDraftTokens",
                 f"{s.fixed_draft_tokens} exceeds maxDraftTokens {s.max_draft_tokens}",
+            )
+        )
+    prof = spec.profiling
+    points = len(set(prof.batch_sizes)) * len(set(prof.context_lens))
+    if prof.enabled and points < MIN_PROFILE_POINTS:
+        errors.append(
+            FieldError(
+                "spec.profiling.batchSizes",
+                f"batchSizes x contextLens gives {points} distinct grid points; the profiler "
+                f"fits the time model with held-out points and needs at least {MIN_PROFILE_POINTS}",
             )
         )
     for key, model in (("targetModel", spec.target_model), ("draftModel", spec.draft_model)):

@@ -270,7 +270,7 @@ def specservice(name: str, **spec_overrides: Any) -> dict[str, Any]:
             "nodeSelector": dict(NODE_SELECTOR),
             "tolerations": list(TOLERATIONS),
         },
-        "profiling": {"batchSizes": [1], "contextLens": [128], "backoffLimit": 0},
+        "profiling": {"batchSizes": [1, 2], "contextLens": [64, 128, 256], "backoffLimit": 0},
     }
     for key, value in spec_overrides.items():
         if isinstance(value, dict) and isinstance(spec.get(key), dict):

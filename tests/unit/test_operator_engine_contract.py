@@ -74,3 +74,13 @@ def test_revision_is_rejected_until_the_engine_can_pin_one() -> None:
 def test_old_flags_are_not_in_the_pod_commands(flag: str) -> None:
     job = r.profiling_job(OWNER, torch_spec())
     assert flag not in args_of(job, "profile")
+
+
+def test_a_profiling_grid_too_small_to_fit_is_rejected_up_front() -> None:
+    from specserve.validation import validate_spec
+
+    raw = torch_spec(profiling={"batchSizes": [1], "contextLens": [128]}).model_dump(by_alias=True)
+    result = validate_spec(raw)
+    assert not result.ok
+    assert "spec.profiling.batchSizes" in result.message()
+    assert "at least 6" in result.message()
