@@ -23,3 +23,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.integration)
         if f"{os.sep}e2e{os.sep}" in path:
             item.add_marker(pytest.mark.e2e)
+    # The slow scenarios (real models behind the local control plane, minutes of CPU) run
+    # last, so their load and teardown cannot disturb the timing of the fast ones.
+    items.sort(key=lambda item: item.get_closest_marker("slow") is not None)
