@@ -201,18 +201,7 @@ def create_app(state: ServerState, loader: Callable[[ServerState], None] | None 
         rid = f"cmpl-{stream.request_id}"
         if body.stream:
             return _sse(_completion_events(stream, rid, state.model_name, body.include_usage))
-        final = await _collect(request, stream)
-        if final is None:
-            return Response(status_code=499)
-        _raise_if_failed(final)
-        return completion_response(
-            rid,
-            state.model_name,
-            final.text,
-            final.finish_reason,
-            final.prompt_tokens,
-            final.completion_tokens,
-        )
+        return await _respond(request, stream, rid, state.model_name, completion_response)
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(body: ChatCompletionRequest, request: Request) -> Response | dict[str, Any]:
@@ -228,18 +217,7 @@ def create_app(state: ServerState, loader: Callable[[ServerState], None] | None 
         rid = f"chatcmpl-{stream.request_id}"
         if body.stream:
             return _sse(_chat_events(stream, rid, state.model_name, body.include_usage))
-        final = await _collect(request, stream)
-        if final is None:
-            return Response(status_code=499)
-        _raise_if_failed(final)
-        return chat_response(
-            rid,
-            state.model_name,
-            final.text,
-            final.finish_reason,
-            final.prompt_tokens,
-            final.completion_tokens,
-        )
+        return await _respond(request, stream, rid, state.model_name, chat_response)
 
     return app
 
@@ -324,6 +302,23 @@ def _submit(
 def _raise_if_failed(final: FinalOutput) -> None:
     if final.finish_reason == "error":
         raise ApiError(500, f"generation failed: {final.error}", "internal_error")
+
+
+async def _respond(
+    request: Request,
+    stream: Any,
+    rid: str,
+    model: str,
+    build: Callable[[str, str, str, str, int, int], dict[str, Any]],
+) -> Response | dict[str, Any]:
+    """Non-streaming answer shared by completions and chat: collect, then build the body."""
+    final = await _collect(request, stream)
+    if final is None:
+        return Response(status_code=499)
+    _raise_if_failed(final)
+    return build(
+        rid, model, final.text, final.finish_reason, final.prompt_tokens, final.completion_tokens
+    )
 
 
 async def _collect(request: Request, stream: RequestStream) -> FinalOutput | None:
