@@ -98,6 +98,31 @@ class FinalOutput:
     error: str | None
 
 
+class OutputAccumulator:
+    """Joins a request's streamed outputs into its FinalOutput (non-streaming answers)."""
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self._text: list[str] = []
+        self._ids: list[int] = []
+
+    def add(self, out: RequestOutput) -> FinalOutput | None:
+        """Take one output; the FinalOutput once the request has finished, else None."""
+        self._text.append(out.text)
+        self._ids.extend(out.token_ids)
+        if out.finish_reason is None:
+            return None
+        return FinalOutput(
+            self.request_id,
+            "".join(self._text),
+            self._ids,
+            out.finish_reason,
+            out.prompt_tokens,
+            out.completion_tokens,
+            out.error,
+        )
+
+
 class RequestStream:
     """Async iterator over a request's outputs; `abort()` tells the engine the client is gone."""
 
@@ -122,23 +147,16 @@ class RequestStream:
         if not self.finished:
             self.engine.abort(self.request_id)
 
+    def accumulator(self) -> OutputAccumulator:
+        return OutputAccumulator(self.request_id)
+
     async def collect(self) -> FinalOutput:
-        text: list[str] = []
-        ids: list[int] = []
+        acc = self.accumulator()
         try:
             async for out in self:
-                text.append(out.text)
-                ids.extend(out.token_ids)
-                if out.finish_reason is not None:
-                    return FinalOutput(
-                        self.request_id,
-                        "".join(text),
-                        ids,
-                        out.finish_reason,
-                        out.prompt_tokens,
-                        out.completion_tokens,
-                        out.error,
-                    )
+                final = acc.add(out)
+                if final is not None:
+                    return final
         finally:
             self.abort()
         raise RuntimeError("request stream ended without a final output")  # pragma: no cover

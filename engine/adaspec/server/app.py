@@ -323,8 +323,7 @@ async def _respond(
 
 async def _collect(request: Request, stream: RequestStream) -> FinalOutput | None:
     """Wait for the whole output, aborting if the client goes away (None then)."""
-    text: list[str] = []
-    ids: list[int] = []
+    acc = stream.accumulator()
     next_check = time.monotonic() + _DISCONNECT_POLL_S
     try:
         while True:
@@ -339,18 +338,9 @@ async def _collect(request: Request, stream: RequestStream) -> FinalOutput | Non
                     return None
             if out is None:
                 continue
-            text.append(out.text)
-            ids.extend(out.token_ids)
-            if out.finish_reason is not None:
-                return FinalOutput(
-                    stream.request_id,
-                    "".join(text),
-                    ids,
-                    out.finish_reason,
-                    out.prompt_tokens,
-                    out.completion_tokens,
-                    out.error,
-                )
+            final = acc.add(out)
+            if final is not None:
+                return final
     finally:
         stream.abort()
 
