@@ -76,6 +76,7 @@ def run_comparison(args: argparse.Namespace) -> tuple[dict[str, PolicyRun], dict
         "max_draft": args.max_draft,
         "rounds": args.rounds,
         "seed": args.seed,
+        "tokenizer": args.tokenizer if args.engine == "real" else None,
     }
     if args.engine == "sim":
         profile = load_builtin_profile(args.profile)
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         f"SLO {args.tpot_slo_ms:g} ms, best static K: {best_static(summaries)}"
     )
     print_table(HEADERS, table_rows(summaries))
-    name = f"compare_policies-{args.engine}-{args.trace}{args.tag}"
+    name = f"compare_policies-{args.engine}-{args.trace}{'-' + args.tag if args.tag else ''}"
     png = bar_plot(summaries, name, RESULTS / f"{name}.png")
     path = write_json(
         name,

@@ -3,6 +3,13 @@ AcceptanceModel (confidence histogram, P(accept | confidence), within-request co
 
     python bench/measure_acceptance.py [--draft-len 4] [--max-new-tokens 64] [--prompts 16]
     python bench/measure_acceptance.py --tiny        # random tiny pair (seconds; for CI smoke)
+    python bench/measure_acceptance.py --replay bench/results/compare_policies-real-X.json
+
+`--replay` measures on the prompts a real comparison run sent: the same scaled trace (rebuilt
+from the run's JSON), the same seeded corpus windows sent as raw token ids (no chat template)
+and the same output lengths, request i for i < `--prompts` (cycling the trace's lengths past
+its end). Raw corpus windows are harder for the draft than chat prompts, so a simulator
+validated against such a run needs this model, not the chat-prompt one.
 
 Each prompt of bench/replay/prompt_set.json (chat template applied when the tokenizer has one)
 is decoded greedily with K=`--draft-len` drafts per step through adaspec.profile.measure
@@ -25,6 +32,9 @@ from _common import RESULTS, print_table, write_json
 from replay.prompts import load_prompt_set
 
 from adaspec.sim.fit import fit_acceptance
+from adaspec.sim.traces import TRACE_DIR_DEFAULT as _TRACE_DIR
+
+_TOKENIZER = str(Path.home() / ".cache/specserve/models/qwen2.5-coder-0.5b-instruct")
 
 
 def _pair(args: argparse.Namespace) -> tuple[Any, Any, Any]:
@@ -46,6 +56,25 @@ def _pair(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     return target, draft, AutoTokenizer.from_pretrained(str(t_dir))
 
 
+def _replay_prompts(run_json: Path, n: int) -> tuple[list[list[int]], list[int], frozenset[int]]:
+    """The token-id prompts and output lengths request 0..n-1 of a real run got. The replay
+    sends ignore_eos, so no EOS stops these (the empty EOS set)."""
+    from replay.prompts import PromptBuilder, load_prompt_set, tokenizer_from
+
+    from adaspec.sim import ScaleSpec, load_trace, scale_trace
+
+    m: dict[str, Any] = json.loads(run_json.read_text(encoding="utf-8"))
+    if m.get("engine") != "real":
+        raise ValueError("not a compare_policies --engine real result")
+    trace = load_trace(m["trace"], Path(m.get("trace_dir") or _TRACE_DIR), seed=m["seed"])
+    if m.get("scale"):
+        trace = scale_trace(trace, ScaleSpec(**m["scale"]))
+    builder = PromptBuilder(tokenizer_from(m.get("tokenizer") or _TOKENIZER), load_prompt_set(), m["seed"])
+    k = len(trace)
+    prompts = [builder.token_ids(i, int(trace.prompt_len[i % k])) for i in range(n)]
+    return prompts, [int(trace.output_len[i % k]) for i in range(n)], frozenset()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--target", default="default-target")
@@ -54,6 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--prompts", type=int, default=16)
     p.add_argument("--tiny", action="store_true", help="tiny random pair instead of the real one")
+    p.add_argument(
+        "--replay",
+        metavar="RUN_JSON",
+        help="measure on the prompts of this compare_policies --engine real run (see above)",
+    )
     p.add_argument("--out", default=str(RESULTS / "acceptance_model.json"))
     args = p.parse_args(argv)
     if args.draft_len < 1 or args.max_new_tokens < 2 or args.prompts < 1:
@@ -65,7 +99,17 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     target, draft, tok = _pair(args)
     texts = load_prompt_set()[: args.prompts]
-    if tok is None:
+    out_lens = [args.max_new_tokens] * args.prompts
+    if args.replay:
+        if tok is None:
+            print("error: --replay needs the real pair (not --tiny)", file=sys.stderr)
+            return 2
+        try:
+            prompts, out_lens, eos = _replay_prompts(Path(args.replay), args.prompts)
+        except (OSError, ValueError, KeyError) as e:
+            print(f"error: --replay {args.replay}: {e}", file=sys.stderr)
+            return 2
+    elif tok is None:
         rng = np.random.default_rng(0)
         prompts = [rng.integers(3, 90, size=12).tolist() for _ in texts]
         eos: frozenset[int] = frozenset()
@@ -76,16 +120,15 @@ def main(argv: list[str] | None = None) -> int:
         ]
         prompts = [list(x["input_ids"]) if isinstance(x, dict) else list(x) for x in prompts]
         eos = frozenset([tok.eos_token_id] if tok.eos_token_id is not None else [])
-    max_len = max(len(x) for x in prompts) + args.max_new_tokens + args.draft_len + 4
+    max_len = max(len(x) for x in prompts) + max(out_lens) + args.draft_len + 4
     t_run = ModelRunner(target, 1, max_len)
     d_run = ModelRunner(draft, 1, max_len)
     per_request: list[tuple[list[float], list[bool]]] = []
     pos_hits = np.zeros(args.draft_len)
     pos_tries = np.zeros(args.draft_len)
-    for ids in prompts:
-        run = measure_acceptance(
-            t_run, d_run, [ids], args.draft_len, args.max_new_tokens, eos_ids=eos
-        )
+    for n, (ids, n_out) in enumerate(zip(prompts, out_lens, strict=True)):
+        print(f"  prompt {n + 1}/{len(prompts)}: {len(ids)} tokens, {n_out} new", flush=True)
+        run = measure_acceptance(t_run, d_run, [ids], args.draft_len, n_out, eos_ids=eos)
         per_request.append((list(run.confidence), list(run.accepted)))
         # per-position acceptance: observations come per step as accepted..., first rejection
         j = 0
@@ -93,7 +136,10 @@ def main(argv: list[str] | None = None) -> int:
             pos_tries[j] += 1
             pos_hits[j] += a
             j = j + 1 if a and j + 1 < args.draft_len else 0
-    model = fit_acceptance(per_request, source=f"measured: {args.target} / {args.draft}")
+    source = f"measured: {args.target} / {args.draft}"
+    if args.replay:
+        source += f" on the replayed prompts of {Path(args.replay).name}"
+    model = fit_acceptance(per_request, source=source)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(model.model_dump_json(indent=1) + "\n", encoding="utf-8")
     per_pos = (pos_hits / np.maximum(pos_tries, 1)).tolist()

@@ -70,8 +70,18 @@ class StepTimeModel(_Camel):
 
 
 class TimeModel(_Camel):
+    """Step times of the engine's forward passes.
+
+    `prefill` (optional, added after schema version 1 shipped; older profiles omit it) is the
+    time of a target forward over prompt tokens: rows = prompts (or prompt chunks) in the pass,
+    tokens = prompt tokens, ctx = their attention work. A verification feeds a few tokens per
+    row and is memory-bound, so its per-token slope says nothing about a 500-token prompt; on
+    CPU the two differ by 100×. Without it, prompt cost is predicted with `verify`.
+    """
+
     draft: StepTimeModel
     verify: StepTimeModel
+    prefill: StepTimeModel | None = None
 
 
 class AcceptanceCalibration(_Camel):

@@ -39,6 +39,9 @@ class StepContext:
     """Upper bound on draft tokens per request this step (policy maxDraftTokens / fixed K)."""
     budget_s: float | None = None
     """TPOT budget (seconds per emitted token) the SLO guard enforces; None disables it."""
+    prefill_extra_s: float = 0.0
+    """Predicted time prompt chunks add to this step's verification (policy/prefill.py); the
+    SLO guard must count it in every step-time prediction."""
 
     @property
     def batch(self) -> int:

@@ -59,6 +59,7 @@ class StepTimePredictor:
         self.model = model
         self._draft = _Linear(model.draft)
         self._verify = _Linear(model.verify)
+        self._prefill = _Linear(model.prefill or model.verify)
         self._smoothing = smoothing
         self._log_bias_draft = 0.0
         self._log_bias_verify = 0.0
@@ -93,6 +94,31 @@ class StepTimePredictor:
             np.full_like(tokens, rows), tokens, ctx_work
         )
         return out
+
+    def prefill(self, rows: float, tokens: float, ctx_work: float) -> float:
+        """A forward pass of its own over `tokens` prompt tokens in `rows` prompts (or chunks):
+        what an unchunked admission stalls the batch for."""
+        if tokens <= 0:
+            return 0.0
+        return self.verify_scale * self._prefill(rows, tokens, ctx_work)
+
+    def prefill_extra(self, rows: float, tokens: float, ctx_work: float) -> float:
+        """What prompt chunks add to a verification forward they ride along with: the prefill
+        model without its intercept (the weights are read once for the whole pass)."""
+        if tokens <= 0:
+            return 0.0
+        p = self._prefill
+        return self.verify_scale * (p.cr * rows + p.ct * tokens + p.cc * ctx_work)
+
+    def prefill_extra_vec(self, tokens: FloatArray, ctx_work: FloatArray) -> FloatArray:
+        """`prefill_extra` of one chunk for each candidate size (tokens > 0)."""
+        p = self._prefill
+        out: FloatArray = self.verify_scale * (p.cr + p.ct * tokens + p.cc * ctx_work)
+        return out
+
+    @property
+    def prefill_per_token_s(self) -> float:
+        return self.verify_scale * self._prefill.ct
 
     @property
     def verify_per_token_s(self) -> float:

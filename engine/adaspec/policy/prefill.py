@@ -1,0 +1,94 @@
+"""SLO-aware chunked prefill: how many prompt tokens ride along with this step's verification.
+
+An unchunked admission runs a whole prompt through the target between two steps, and every
+running request waits for it: one long prompt can break the TPOT budget of the whole batch
+however well the drafts were chosen. Chunking spreads the prompt over several steps, each chunk
+riding along with the verification forward (the weights are read once). The chunk is sized so
+the step with it still fits the budget when the batch decodes plainly; the speculative policy
+then sees the chunk's predicted cost in `StepContext.prefill_extra_s` and drafts only what
+still fits. Prompts always move by at least `min_chunk` tokens per step, so time to first token
+stays bounded even when the budget leaves no room (the step is then reported infeasible).
+
+Pure: numpy and the time model only; the torch backend and the simulator share it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from adaspec.policy.time_model import StepTimePredictor
+
+DEFAULT_MAX_CHUNK = 512
+"""Prompt tokens per step across all prefilling requests; bounds memory and TTFT jitter."""
+DEFAULT_MIN_CHUNK = 32
+"""Progress a prompt makes per step even when the budget leaves no room for it."""
+
+
+@dataclass(frozen=True)
+class PrefillPlan:
+    chunks: tuple[int, ...]
+    """Prompt tokens per prefilling request this step, in admission order (0: waits)."""
+    extra_s: float
+    """Predicted time the chunks add to the step's verification forward."""
+
+
+def chunk_ctx_work(done: int, n: int) -> float:
+    """Attention work of prompt tokens done+1 … done+n (each attends to all before it)."""
+    return float(n) * done + n * (n + 1) / 2.0
+
+
+def plan_prefill(
+    times: StepTimePredictor,
+    remaining: Sequence[int],
+    done: Sequence[int],
+    *,
+    decode_rows: int,
+    plain_step_s: float,
+    budget_s: float | None,
+    max_chunk: int = DEFAULT_MAX_CHUNK,
+    min_chunk: int = DEFAULT_MIN_CHUNK,
+) -> PrefillPlan:
+    """Chunks for the prefilling requests (FIFO) this step.
+
+    `remaining[i]` / `done[i]`: prompt tokens request i still has to prefill / has prefilled.
+    `plain_step_s`: predicted verification time of the decoding rows with no drafts.
+    With no decoding rows nobody waits, so prompts get `max_chunk` tokens; with no budget the
+    chunk is `max_chunk` too (chunking alone already bounds the stall).
+    """
+    if len(remaining) != len(done):
+        raise ValueError("remaining and done must have the same length")
+    if max_chunk < 1 or not 1 <= min_chunk <= max_chunk:
+        raise ValueError(f"need 1 <= min_chunk <= max_chunk, got {min_chunk}, {max_chunk}")
+    chunks: list[int] = []
+    extra = 0.0
+    left = max_chunk
+    allowance = (
+        float("inf") if decode_rows == 0 or budget_s is None else budget_s - plain_step_s
+    )
+    for rem, d in zip(remaining, done, strict=True):
+        rem = max(0, int(rem))
+        n = min(rem, left)
+        if n > 0 and allowance != float("inf"):
+            n = _largest_fitting(times, int(d), n, allowance)
+            if not chunks or not any(chunks):  # the oldest prompt always progresses
+                n = max(n, min(rem, min_chunk, left))
+        chunks.append(n)
+        if n > 0:
+            cost = times.prefill_extra(1, n, chunk_ctx_work(int(d), n))
+            extra += cost
+            allowance -= cost
+            left -= n
+    return PrefillPlan(tuple(chunks), extra)
+
+
+def _largest_fitting(times: StepTimePredictor, done: int, upto: int, allowance: float) -> int:
+    """Largest n ≤ upto whose added time fits `allowance` (0 if none); cost is increasing in n."""
+    if allowance <= 0:
+        return 0
+    n = np.arange(1, upto + 1, dtype=np.float64)
+    cost = times.prefill_extra_vec(n, n * done + n * (n + 1) / 2.0)
+    fits = np.flatnonzero(cost <= allowance)
+    return int(fits[-1]) + 1 if fits.size else 0
