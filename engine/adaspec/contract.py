@@ -73,8 +73,8 @@ class TimeModel(_Camel):
     """Step times of the engine's forward passes.
 
     `prefill` (optional, added after schema version 1 shipped; older profiles omit it) is the
-    time of a target forward over prompt tokens: rows = prompts (or prompt chunks) in the pass,
-    tokens = prompt tokens, ctx = their attention work. A verification feeds a few tokens per
+    time to prefill prompt tokens into the target *and* the draft cache: rows = prompts (or
+    prompt chunks), tokens = prompt tokens, ctx = their attention work. A verification feeds a few tokens per
     row and is memory-bound, so its per-token slope says nothing about a 500-token prompt; on
     CPU the two differ by 100×. Without it, prompt cost is predicted with `verify`.
     """
