@@ -31,15 +31,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests" / "e2e"))  # the e2e harness (control plane, fake kubelet)
+sys.path.insert(0, str(ROOT / "tests" / "e2e"))  # the e2e harness (fake kubelet, cluster handle)
 
-from controlplane import (  # noqa: E402
-    K8S_VERSION,
-    ControlPlane,
-    default_assets_dir,
-    missing_assets,
-    write_kubeconfig,
-)
 from e2e_support import (  # noqa: E402
     CHART,
     GROUP,
@@ -50,14 +43,14 @@ from e2e_support import (  # noqa: E402
     VERSION,
     Cluster,
     OperatorProcess,
-    find_helm,
+    open_cluster,
     service_account_token,
     specservice,
-    use_external,
     wait_for,
 )
 from fake_kubelet import FakeKubelet  # noqa: E402
-from kubernetes import config  # noqa: E402
+
+from specserve.controlplane import K8S_VERSION, EnvtestMissingError, write_kubeconfig  # noqa: E402
 
 
 def measure_one(cluster: Cluster, ns: str, name: str, profiling: bool) -> dict[str, float]:
@@ -87,22 +80,18 @@ def measure_one(cluster: Cluster, ns: str, name: str, profiling: bool) -> dict[s
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="specserve-crlat-"))
-    external = use_external()
-    local: ControlPlane | None = None
-    if external is None:
-        assets = default_assets_dir()
-        if missing_assets(assets):
-            raise SystemExit(f"envtest binaries missing in {assets}: run `make envtest`")
-        local = ControlPlane(assets, workdir / "cp")
-        local.workdir.mkdir()
-        local.start()
-        kubeconfig = local.kubeconfig
-        kubectl = str(assets / "kubectl")
-    else:
-        kubeconfig, kubectl = external, "kubectl"
+    try:
+        with open_cluster(workdir) as cluster:
+            return measure(cluster, args)
+    except EnvtestMissingError as e:
+        raise SystemExit(f"cr_ready_latency: {e}") from None
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def measure(cluster: Cluster, args: argparse.Namespace) -> dict[str, Any]:
+    """Chart, fake kubelet and operator on `cluster`, then both scenarios; stops what it started."""
     kubelet = op = None
-    cluster = Cluster(kubeconfig, config.new_client_from_config(str(kubeconfig)), kubectl,
-                      find_helm(), local, workdir)  # fmt: skip
     try:
         kubelet = FakeKubelet(cluster.api).start()
         cluster.helm("install", RELEASE, str(CHART), "--namespace", RELEASE_NS,
@@ -110,11 +99,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                      "--set", "grafana.dashboard.enabled=false", "--wait")  # fmt: skip
         cluster.kubectl("wait", "--for=condition=Established", f"crd/{PLURAL}.{GROUP}")
         token = service_account_token(cluster, RELEASE_NS, SERVICE_ACCOUNT)
-        kc = write_kubeconfig(workdir / "op.kubeconfig", cluster.api.configuration.host, token)
+        kc = write_kubeconfig(
+            cluster.workdir / "op.kubeconfig", cluster.api.configuration.host, token
+        )
         op = OperatorProcess(
             cluster,
             kc,
-            workdir / "operator.log",
+            cluster.workdir / "operator.log",
             env_extra={"SPECSERVE_TICK_SECONDS": str(args.tick_seconds)},
         )
         op.start()
@@ -139,7 +130,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             GROUP, VERSION, ns, PLURAL)["items"], 60, "cleanup")  # fmt: skip
         return {
             "benchmark": "cr_ready_latency",
-            "kubernetes": "external" if external else f"envtest {K8S_VERSION}",
+            "kubernetes": "external" if cluster.local is None else f"envtest {K8S_VERSION}",
             "tick_seconds": args.tick_seconds,
             "runs_per_scenario": args.runs,
             "host": {"machine": platform.machine(), "cpus": os.cpu_count()},
@@ -150,9 +141,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             op.stop()
         if kubelet is not None:
             kubelet.stop()
-        if local is not None:
-            local.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def main() -> int:

@@ -6,9 +6,10 @@ Budget — a correction-factor controller with hysteresis and dwell:
   r = observed TPOT (at slo.percentile) / SLO
   * r > 1.0 (breach), ≥ tighten_dwell_s since the last change, and the engines do not report
     that plain decoding already breaks the budget (then tightening cannot help):
-        budget ← budget · clamp((target/r)^gain_tighten, max_step_down, 1)
-    a severe breach (factor < k_cut_factor) also lowers maxDraftTokens by one (long drafts make
-    single verification steps long, which is what pushes the tail of TPOT up);
+        budget ← min(budget, max(floor, budget · clamp((target/r)^gain_tighten, max_step_down, 1)))
+    a severe breach (factor < k_cut_factor), or a budget already pinned at its floor, also
+    lowers maxDraftTokens by one (long drafts make single verification steps long, which is
+    what pushes the tail of TPOT up; at the floor it is the only lever left);
   * r < 0.8 (far under: the budget is tighter than needed and costs goodput),
     ≥ relax_dwell_s since the last change, and the engines' SLO guard is refusing draft steps
     (specserve_slo_guard_refusals_total rising; when it is not, the budget does not bind and
@@ -16,14 +17,22 @@ Budget — a correction-factor controller with hysteresis and dwell:
         budget ← budget · clamp((target/r)^gain_relax, 1, max_step_up), maxDraftTokens + 1
         (up to spec.speculation.maxDraftTokens);
   * 0.8 ≤ r ≤ 1.0: hold (the hysteresis band; target = 0.9 sits in its middle).
-  The budget stays within [budget_min_ratio, budget_max_ratio] × SLO. Tightening is fast and
-  relaxing slow (asymmetric gains and dwell), because a breach costs users and slack only costs
-  goodput. Only mode `adaptive` is adjusted; `fixed` and `off` are observed, never changed.
+  The budget stays within [budget_min_ratio, budget_max_ratio] × SLO, and a tightening move
+  never takes it below the *plain-step floor*: the time of one plain decoding step (one token
+  per running request, no drafts) that the SpecService's profiled time model predicts at the
+  observed load. No budget below that can be met even without speculation, so going lower
+  buys nothing and must be relaxed back later (a pointless overshoot). When the SLO itself is
+  below the floor and TPOT breaches it, the policy is held and SLOFeasible=False
+  (SLOBelowPlainStep) names the predicted plain step time; only more replicas (less load per
+  engine) can help. Tightening is fast and relaxing slow (asymmetric gains and dwell), because
+  a breach costs users and slack only costs goodput. Only mode `adaptive` is adjusted; `fixed`
+  and `off` are observed, never changed.
 
 Replicas (only with autoscaling.enabled), within minReplicas..maxReplicas:
   * +1 when the SLO has been breached *and* infeasible for scale_up_after_s: the engines report
-    that even plain decoding breaks the budget (specserve_slo_infeasible), or the policy is at
-    its limits (budget at its floor and maxDraftTokens at its minimum);
+    that even plain decoding breaks the budget (specserve_slo_infeasible), the SLO is below the
+    predicted plain step time, or the policy is at its limits (budget at its floor and
+    maxDraftTokens at its minimum);
   * −1 when TPOT has stayed below scale_down_ratio × SLO for scale_down_after_s;
   * at most one change per scale_cooldown_s (new pods need time to start and to show up).
 
@@ -35,7 +44,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from adaspec.contract import Policy, SpecMode
+from adaspec.contract import Policy, SpecMode, TimeModel
+from adaspec.policy.time_model import StepTimePredictor
 from specserve.api import ConditionType, SpecServiceSpec
 
 # Condition reasons (CamelCase, stable: users alert on them).
@@ -49,6 +59,7 @@ SLO_BREACHED = "SLOBreached"
 NO_METRICS = "NoMetrics"
 FEASIBLE = "Feasible"
 PLAIN_DECODING_TOO_SLOW = "PlainDecodingTooSlow"
+SLO_BELOW_PLAIN_STEP = "SLOBelowPlainStep"
 POLICY_AT_LIMIT = "PolicyAtLimit"
 
 
@@ -71,6 +82,9 @@ class Observation:
     """Draft steps/s the engines' SLO guard refused (0: the budget does not bind)."""
     ttft_ms: float | None = None
     """Per-request TTFT at slo.percentile (reported; the controller does not act on it)."""
+    mean_running: float | None = None
+    """Requests in an engine's running batch, averaged over the window and the pods: the load
+    at which the plain-step floor is predicted."""
     error: str | None = None
     """Set when Prometheus could not answer; everything else is then None."""
     error_reason: str = PROMETHEUS_ERROR
@@ -145,10 +159,40 @@ class Decision:
     history: HistoryEntry | None
     metrics_ok: bool
     policy_changed: bool = False
+    plain_step_ms: float | None = None
+    """The budget floor this tick (None: no profile, or metrics unusable)."""
 
 
 def _since(t: float | None, now: float) -> float:
     return float("inf") if t is None else now - t
+
+
+@dataclass(frozen=True)
+class PlainStep:
+    """The predicted time of one plain decoding step at the observed load (the budget floor)."""
+
+    ms: float
+    batch: float
+
+    def describe(self) -> str:
+        return (
+            f"predicted plain decoding step {self.ms:.1f} ms at {self.batch:.1f} running "
+            "requests per engine (profile time model)"
+        )
+
+
+def plain_step(time_model: TimeModel | None, obs: Observation) -> PlainStep | None:
+    """One verification pass over the batch with one token per request, no draft pass, from the
+    profiled time model (the same formula as the engine's guard, without its online bias
+    correction, which no metric exports). Context attention work is taken as 0 (no metric
+    reports context lengths) and the batch is a time average that counts idle time, so the load
+    is under- rather than overestimated: the floor errs towards letting the budget go too low,
+    not towards blocking a move the engines could meet. None without a profile."""
+    if time_model is None:
+        return None
+    batch = max(1.0, obs.mean_running or 0.0)  # a finished request was running: ≥ 1
+    ms = StepTimePredictor(time_model).verify(batch, batch, 0.0) * 1000.0
+    return PlainStep(round(ms, 3), batch) if ms > 0 else None
 
 
 def _hold(policy: Policy, replicas: int, memory: Memory, reason: str, message: str) -> Decision:
@@ -199,8 +243,10 @@ def step(
     memory: Memory,
     now: float,
     cfg: ControllerConfig | None = None,
+    time_model: TimeModel | None = None,
 ) -> Decision:
-    """One tick of the outer loop."""
+    """One tick of the outer loop. `time_model` is the SpecService's profiled one (None when
+    not profiled: then there is no plain-step floor)."""
     cfg = cfg or ControllerConfig()
     problem = metrics_problem(obs, cfg)
     if problem is not None:
@@ -223,19 +269,34 @@ def step(
     memory = replace(memory, breach_since=(memory.breach_since or now) if breached else None)
 
     # ---- policy (budget and maxDraftTokens)
-    budget_lo, budget_hi = cfg.budget_min_ratio * slo, cfg.budget_max_ratio * slo
+    plain = plain_step(time_model, obs)
+    budget_hi = cfg.budget_max_ratio * slo
+    budget_lo = max(cfg.budget_min_ratio * slo, plain.ms if plain else 0.0)
+    slo_below_plain = breached and plain is not None and slo < plain.ms
     budget, k = policy.tpot_budget_ms, policy.max_draft_tokens
     new_budget, new_k, why = budget, k, ""
     adaptive = policy.mode is SpecMode.adaptive
     since_change = _since(memory.last_policy_change, now)
-    # When the engines say even plain decoding breaks the budget, a tighter budget cannot
-    # lower TPOT any further (plain decoding is the floor): hold, and let replicas act.
-    if adaptive and breached and not obs.infeasible and since_change >= cfg.tighten_dwell_s:
+    # When the engines say even plain decoding breaks the budget, or the profile predicts that
+    # plain decoding alone is slower than the SLO, a tighter budget cannot lower TPOT any
+    # further (plain decoding is the floor): hold, and let replicas act.
+    if (
+        adaptive
+        and breached
+        and not obs.infeasible
+        and not slo_below_plain
+        and since_change >= cfg.tighten_dwell_s
+    ):
         factor = max(cfg.max_step_down, min(1.0, (cfg.target_ratio / r) ** cfg.gain_tighten))
-        new_budget = max(budget_lo, min(budget_hi, budget * factor))
-        if factor < cfg.k_cut_factor and k > cfg.min_draft_tokens:
+        # never below the floor, and a tightening move never raises the budget (it may already
+        # be under a floor that rose with the load)
+        new_budget = min(budget, max(budget_lo, min(budget_hi, budget * factor)))
+        pinned = round(new_budget, 3) >= round(budget, 3)
+        if (factor < cfg.k_cut_factor or pinned) and k > cfg.min_draft_tokens:
             new_k = k - 1
         why = f"{pct} TPOT {obs.tpot_ms:.1f} ms > SLO {slo:g} ms: tighten"
+        if plain is not None and round(new_budget, 3) <= round(plain.ms, 3):
+            why += f" (floor: {plain.describe()})"
     elif (
         adaptive
         and r < cfg.band_low
@@ -275,7 +336,15 @@ def step(
             and not policy_changed
         )
     )
-    if breached and obs.infeasible:
+    if slo_below_plain:
+        assert plain is not None  # slo_below_plain implies it
+        conditions[ConditionType.slo_feasible] = Cond(
+            "False",
+            SLO_BELOW_PLAIN_STEP,
+            f"SLO breached and SLO {slo:g} ms is below the {plain.describe()}: no speculation "
+            "policy can meet it; add replicas (less load per engine) or raise the SLO",
+        )
+    elif breached and obs.infeasible:
         conditions[ConditionType.slo_feasible] = Cond(
             "False",
             PLAIN_DECODING_TOO_SLOW,
@@ -286,6 +355,7 @@ def step(
             f"speculation mode {policy.mode.value} is not adjusted by the operator"
             if not adaptive
             else f"budget at its floor {budget_lo:.1f} ms and maxDraftTokens at {k}"
+            + (f" ({plain.describe()})" if plain is not None and budget_lo == plain.ms else "")
         )
         conditions[ConditionType.slo_feasible] = Cond(
             "False", POLICY_AT_LIMIT, f"SLO breached and {limit}"
@@ -294,7 +364,7 @@ def step(
         conditions[ConditionType.slo_feasible] = Cond(
             "True", FEASIBLE, "the policy can keep TPOT under the SLO"
         )
-    infeasible = breached and (bool(obs.infeasible) or at_limit)
+    infeasible = breached and (bool(obs.infeasible) or slo_below_plain or at_limit)
     memory = replace(
         memory, infeasible_since=(memory.infeasible_since or now) if infeasible else None
     )
@@ -357,4 +427,5 @@ def step(
         history=history,
         metrics_ok=True,
         policy_changed=policy_changed,
+        plain_step_ms=plain.ms if plain else None,
     )

@@ -103,6 +103,11 @@ class Queries:
         """1 when any pod's SLO guard says even plain decoding breaks the budget."""
         return f"max({self._sel(m.SLO_INFEASIBLE)})"
 
+    def mean_running(self) -> str:
+        """Requests in an engine's running batch: time average over the window, mean over pods
+        (the load the plain-step floor is predicted at)."""
+        return f"avg(avg_over_time({self._sel(m.REQUESTS_RUNNING)}[{self.window}]))"
+
     def sample_age(self) -> str:
         """Seconds since the newest scrape of any of the service's pods."""
         return f"time() - max(timestamp({self._sel(m.POLICY_GENERATION)}))"
@@ -238,6 +243,7 @@ def collect(client: PrometheusClient, queries: Queries) -> Observation:
         gen = client.scalar(queries.engine_policy_generation())
         ttft = client.scalar(queries.ttft_slo())
         refusals = client.scalar(queries.guard_refusal_rate())
+        running = client.scalar(queries.mean_running())
     except PrometheusError as e:
         return Observation(error=str(e))
     return Observation(
@@ -251,4 +257,5 @@ def collect(client: PrometheusClient, queries: Queries) -> Observation:
         engine_policy_generation=None if gen is None else int(gen.value),
         ttft_ms=None if ttft is None else ttft.value * 1000.0,
         guard_refusal_rate=None if refusals is None else refusals.value,
+        mean_running=None if running is None else running.value,
     )

@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any, Protocol
 
-from adaspec.contract import ContractError, Policy, parse_policy, parse_profile
+from adaspec.contract import ContractError, Policy, TimeModel, parse_policy, parse_profile
 from specserve import control, prom, resources
 from specserve.api import ConditionType, Phase, SpecServiceSpec
 from specserve.kube import KubeError
@@ -292,6 +292,23 @@ class Reconciler:
             "digest": resources.content_digest(text),
         }
 
+    def _profiled_time_model(self, ns: str, name: str, spec: SpecServiceSpec) -> TimeModel | None:
+        """The time model of the profile the engines load (the ConfigMap converge wrote for
+        this spec), for the controller's plain-step floor; None when not profiled or unusable."""
+        if not spec.profiling.enabled:
+            return None
+        cm = self.kube.get("v1", "ConfigMap", ns, resources.profile_configmap_name(name))
+        if cm is None:
+            return None
+        ann = (cm.get("metadata") or {}).get("annotations") or {}
+        if ann.get(resources.PROFILE_KEY_ANNOTATION) != resources.profile_key(spec):
+            return None  # a stale profile (spec changed): converge replaces it
+        try:
+            return parse_profile((cm.get("data") or {}).get("profile.json", "")).time_model
+        except ContractError as e:
+            log.warning("profile ConfigMap of %s/%s is invalid: %s", ns, name, e)
+            return None
+
     def _read_policy(self, ns: str, name: str) -> tuple[Body | None, Policy | None]:
         cm = self.kube.get("v1", "ConfigMap", ns, resources.policy_configmap_name(name))
         if cm is None:
@@ -482,6 +499,7 @@ class Reconciler:
             memory=memory_from_status(status),
             now=now,
             cfg=self.settings.controller,
+            time_model=self._profiled_time_model(ns, name, spec) if obs.error is None else None,
         )
         conds = list(status.get("conditions") or [])
         old_metrics = get_condition(conds, ConditionType.metrics_available) or {}

@@ -4,8 +4,9 @@ Cluster, in order of preference:
 - SPECSERVE_E2E_USE_KUBECONFIG=1 and $KUBECONFIG names an existing file: that cluster (the same
   tests; a fake node is registered there too, tainted so that only the test pods use it);
 - otherwise etcd + kube-apiserver + kube-controller-manager + kube-scheduler 1.20.2 from the
-  envtest assets built by `scripts/envtest.sh` (`make envtest`), started once per session on
-  loopback ports in a temp dir and stopped by PID at the end.
+  envtest assets built by `scripts/envtest.sh` (`make envtest`), started once per session by
+  `specserve.controlplane` (the launcher `specserve demo` uses too) on loopback ports in a temp
+  dir and stopped by PID at the end.
 The tests skip (with that reason) only when neither is available; CI builds the assets.
 
 Then, once per session: the Helm chart is installed with the pinned helm (CRD, ServiceAccount,
@@ -25,7 +26,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from controlplane import ControlPlane, default_assets_dir, missing_assets, write_kubeconfig
 from e2e_support import (
     CHART,
     GROUP,
@@ -37,13 +37,13 @@ from e2e_support import (
     Cluster,
     JobOutcomes,
     OperatorProcess,
-    find_helm,
+    open_cluster,
     service_account_token,
-    use_external,
     wait_for,
 )
 from fake_kubelet import FakeKubelet
-from kubernetes import config
+
+from specserve.controlplane import EnvtestMissingError, write_kubeconfig
 
 # An authorization denial, as opposed to other 403s (e.g. a namespace being terminated).
 RBAC_DENIAL = re.compile(r'forbidden: User "[^"]+" cannot')
@@ -52,31 +52,12 @@ RBAC_DENIAL = re.compile(r'forbidden: User "[^"]+" cannot')
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[Cluster]:
     workdir = Path(tempfile.mkdtemp(prefix="specserve-e2e-session-"))
-    external = use_external()
-    local: ControlPlane | None = None
-    assets = default_assets_dir()
-    if external is not None:
-        kubeconfig = external
-        kubectl_bin = shutil.which("kubectl") or str(assets / "kubectl")
-    else:
-        missing = missing_assets(assets)
-        if missing:
-            shutil.rmtree(workdir, ignore_errors=True)
-            pytest.skip(
-                f"no Kubernetes API server: envtest binaries {missing} missing in "
-                f"{assets} (run `make envtest`), and SPECSERVE_E2E_USE_KUBECONFIG!=1"
-            )
-        local = ControlPlane(assets, workdir / "controlplane")
-        local.workdir.mkdir()
-        local.start()
-        kubeconfig = local.kubeconfig
-        kubectl_bin = str(assets / "kubectl")
     try:
-        api = config.new_client_from_config(str(kubeconfig))
-        yield Cluster(kubeconfig, api, kubectl_bin, find_helm(), local, workdir)
+        with open_cluster(workdir) as handle:  # raises before it starts anything
+            yield handle
+    except EnvtestMissingError as e:
+        pytest.skip(f"no Kubernetes API server: {e} (or SPECSERVE_E2E_USE_KUBECONFIG=1)")
     finally:
-        if local is not None:
-            local.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 
 

@@ -1,9 +1,11 @@
 """Helpers shared by the e2e fixtures (conftest.py), tests and bench/cr_ready_latency.py:
-cluster handle, operator process, polling, SpecService bodies."""
+cluster handle (and where it comes from), operator process, polling, SpecService bodies."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,14 +13,16 @@ import time
 import urllib.error
 import urllib.request
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from controlplane import ControlPlane, die_with_parent, free_port
 from fake_kubelet import NODE_SELECTOR, TOLERATIONS, Termination, succeed_with_fixture_profile
-from kubernetes import client
+from kubernetes import client, config
+
+from specserve.controlplane import ControlPlane, default_assets_dir, free_port
+from specserve.localnode.process import die_with_parent
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "specserve"
@@ -142,6 +146,28 @@ def use_external() -> Path | None:
     if not kc or not Path(kc).is_file():
         raise FileNotFoundError("SPECSERVE_E2E_USE_KUBECONFIG=1 but $KUBECONFIG is not a file")
     return Path(kc)
+
+
+@contextlib.contextmanager
+def open_cluster(workdir: Path) -> Iterator[Cluster]:
+    """$KUBECONFIG's cluster with SPECSERVE_E2E_USE_KUBECONFIG=1, else a local control plane
+    (specserve.controlplane) in `workdir`, stopped on exit. Raises
+    specserve.controlplane.EnvtestMissingError, before starting anything, when neither is
+    available."""
+    external = use_external()
+    assets = default_assets_dir()
+    local: ControlPlane | None = None
+    if external is not None:
+        kubeconfig, kubectl_bin = external, shutil.which("kubectl") or str(assets / "kubectl")
+    else:
+        local = ControlPlane(assets, workdir / "controlplane").start()
+        kubeconfig, kubectl_bin = local.kubeconfig, str(assets / "kubectl")
+    try:
+        api = config.new_client_from_config(str(kubeconfig))
+        yield Cluster(kubeconfig, api, kubectl_bin, find_helm(), local, workdir)
+    finally:
+        if local is not None:
+            local.stop()
 
 
 # ---------------------------------------------------------------------- fake node

@@ -11,9 +11,9 @@ from typing import Any
 
 import httpx
 import pytest
-from controlplane import default_assets_dir, missing_assets, running_control_plane
 from kubernetes import config as k8s_config
 
+from specserve.controlplane import default_assets_dir, missing_assets, running_control_plane
 from specserve.kube import Kube
 from specserve.localnode.agent import NodeAgent
 from specserve.localnode.api import NodeApi

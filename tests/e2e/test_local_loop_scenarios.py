@@ -16,7 +16,8 @@ from typing import Any
 import httpx
 import pytest
 
-from specserve.localnode.stack import LocalStack, load_controlplane, service_endpoints, wait_for
+from specserve.controlplane import default_assets_dir, missing_assets
+from specserve.localnode.stack import LocalStack, service_endpoints, wait_for
 from specserve.promlocal import find_binaries, find_helm
 
 NS = "default"
@@ -30,8 +31,7 @@ OPERATOR_ENV = {
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
-    cp = load_controlplane()
-    if cp.missing_assets(cp.default_assets_dir()):
+    if missing_assets(default_assets_dir()):
         pytest.skip("Kubernetes 1.20.2 binaries missing (run `make envtest`)")
     if find_binaries() is None or find_helm() is None:
         pytest.skip("prometheus (specserve.promlocal.ensure_binaries) or helm missing")

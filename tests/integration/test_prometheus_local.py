@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from specserve import promlocal
-from specserve.localnode.stack import CHART_DIR, LocalStack, load_controlplane, wait_for
+from specserve.controlplane import default_assets_dir, missing_assets
+from specserve.localnode.stack import CHART_DIR, LocalStack, wait_for
 
 NS = "default"
 
@@ -57,8 +58,7 @@ def test_generated_scrape_config_passes_promtool(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     _need_prometheus()
-    cp = load_controlplane()
-    if cp.missing_assets(cp.default_assets_dir()):
+    if missing_assets(default_assets_dir()):
         pytest.skip("Kubernetes 1.20.2 binaries missing (run `make envtest`)")
     if promlocal.find_helm() is None:
         pytest.skip("helm missing (scripts/k8s-tools.sh installs it)")

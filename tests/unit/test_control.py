@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import replace
 from typing import Any
 
 import pytest
 
-from adaspec.contract import Policy, SpecMode
+from adaspec.contract import Policy, SpecMode, StepTimeModel, TimeModel
 from specserve import control
 from specserve.api import ConditionType, SpecServiceSpec
 from specserve.control import ControllerConfig, Memory, Observation
@@ -248,3 +249,118 @@ def test_closed_loop_converges_on_a_simple_plant() -> None:
         assert ticks < 20
     assert ticks <= 6
     assert 0.8 * SLO <= 1.4 * p.tpot_budget_ms <= SLO
+
+
+# ---------------------------------------------------------------- plain-step floor (profile)
+
+
+def time_model(intercept_ms: float, per_request_ms: float = 2.0) -> TimeModel:
+    """A profile whose plain step is intercept + per_request·B ms (per row + per token)."""
+    return TimeModel(
+        draft=StepTimeModel(intercept_ms=5.0, per_row_ms=0.5),
+        verify=StepTimeModel(
+            intercept_ms=intercept_ms,
+            per_row_ms=per_request_ms / 2,
+            per_token_ms=per_request_ms / 2,
+            per_ctx_ktoken_ms=3.0,  # no context metric: counted as 0 (a lower bound)
+        ),
+    )
+
+
+def run_tm(o: Observation, tm: TimeModel | None, **kw: Any) -> control.Decision:
+    return control.step(
+        spec=kw.pop("spec", None) or make_spec(),
+        policy=kw.pop("p", None) or policy(),
+        replicas=kw.pop("replicas", 2),
+        obs=o,
+        memory=kw.pop("mem", None) or Memory(),
+        now=kw.pop("now", 1000.0),
+        cfg=CFG,
+        time_model=tm,
+    )
+
+
+def test_plain_step_is_predicted_at_the_observed_load() -> None:
+    tm = time_model(30.0, per_request_ms=2.0)
+    assert control.plain_step(None, obs(60.0)) is None
+    one = control.plain_step(tm, obs(60.0))  # no running-requests metric: batch 1
+    assert one is not None and one.ms == pytest.approx(32.0) and one.batch == 1.0
+    four = control.plain_step(tm, obs(60.0, mean_running=4.0))
+    assert four is not None and four.ms == pytest.approx(38.0)
+    idle = control.plain_step(tm, obs(60.0, mean_running=0.2))  # time average while mostly idle
+    assert idle is not None and idle.batch == 1.0
+
+
+def test_floor_stops_a_severe_breach_from_cutting_below_plain_decoding() -> None:
+    tm = time_model(34.0)  # plain step 40 ms at 3 running requests
+    o = obs(200.0, mean_running=3.0)
+    without = run_tm(o, None)
+    assert without.policy.tpot_budget_ms == pytest.approx(SLO * CFG.max_step_down)  # 25 ms
+    d = run_tm(o, tm)
+    assert d.plain_step_ms == pytest.approx(40.0)
+    assert d.policy.tpot_budget_ms == pytest.approx(40.0)
+    assert d.policy.max_draft_tokens == 5  # a severe breach still cuts K
+    assert "floor: predicted plain decoding step 40.0 ms at 3.0 running requests" in (
+        d.policy.reason
+    )
+    assert cond(d, ConditionType.slo_feasible) == ("True", control.FEASIBLE)
+
+
+def test_floor_holds_over_many_ticks_then_the_policy_is_at_its_limit() -> None:
+    tm = time_model(34.0)
+    p, mem, now = policy(), Memory(), 1000.0
+    budgets, ks = [], []
+    for _ in range(12):  # a breach that tightening never fixes (the plant ignores the budget)
+        d = run_tm(obs(70.0, mean_running=3.0), tm, p=p, mem=mem, now=now)
+        p, mem, now = d.policy, d.memory, now + CFG.tighten_dwell_s
+        budgets.append(p.tpot_budget_ms)
+        ks.append(p.max_draft_tokens)
+    assert min(budgets) == pytest.approx(40.0)  # never below the floor, however long
+    assert ks[-1] == CFG.min_draft_tokens  # pinned at the floor: K was the lever left
+    assert all(a >= b for a, b in itertools.pairwise(ks))
+    assert cond(d, ConditionType.slo_feasible) == ("False", control.POLICY_AT_LIMIT)
+    assert (
+        "predicted plain decoding step 40.0 ms" in d.conditions[ConditionType.slo_feasible].message
+    )
+    assert d.memory.infeasible_since is not None
+
+
+def test_a_floor_that_rose_with_the_load_does_not_raise_the_budget() -> None:
+    tm = time_model(34.0)  # 40 ms at 3 running, 46 ms at 6
+    d = run_tm(obs(60.0, mean_running=6.0), tm, p=policy(budget=42.0, k=4))
+    assert d.policy.tpot_budget_ms == pytest.approx(42.0)  # held, not lowered, not raised
+    assert d.policy.max_draft_tokens == 3
+
+
+def test_slo_below_the_plain_step_holds_the_policy_and_says_why() -> None:
+    tm = time_model(55.0)  # plain step 57 ms at 1 running request > SLO 50 ms
+    p = policy()
+    first = run_tm(obs(80.0), tm, p=p, now=1000.0)
+    assert first.policy is p and not first.policy_changed  # no walk down the budget
+    status, reason = cond(first, ConditionType.slo_feasible)
+    assert (status, reason) == ("False", control.SLO_BELOW_PLAIN_STEP)
+    msg = first.conditions[ConditionType.slo_feasible].message
+    assert "SLO 50 ms" in msg and "57.0 ms" in msg and "replicas" in msg
+    later = run_tm(obs(80.0), tm, p=p, mem=first.memory, now=1000.0 + CFG.scale_up_after_s)
+    assert later.policy is p and later.replicas == 3  # only more replicas can help
+    # TPOT within the SLO contradicts the prediction: no infeasibility claim
+    ok = run_tm(obs(45.0), tm, p=p)
+    assert cond(ok, ConditionType.slo_feasible) == ("True", control.FEASIBLE)
+
+
+def test_feasible_slo_converges_exactly_as_without_a_profile() -> None:
+    """The simple plant of test_closed_loop_converges_on_a_simple_plant, with a profile whose
+    plain step (12 ms at 2 running requests) stays under every budget the loop visits."""
+    trajectories = []
+    for tm in (None, time_model(8.0)):
+        p, mem, now, seen = policy(budget=SLO), Memory(), 0.0, []
+        for _ in range(20):
+            observed = 1.4 * p.tpot_budget_ms
+            if observed <= SLO:
+                break
+            d = run_tm(obs(observed, mean_running=2.0), tm, p=p, mem=mem, now=now)
+            p, mem, now = d.policy, d.memory, now + 15.0
+            seen.append((p.tpot_budget_ms, p.max_draft_tokens, p.generation))
+        assert 0.8 * SLO <= 1.4 * p.tpot_budget_ms <= SLO
+        trajectories.append(seen)
+    assert trajectories[0] == trajectories[1] and len(trajectories[0]) <= 6

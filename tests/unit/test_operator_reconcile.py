@@ -459,6 +459,51 @@ def test_timer_runs_the_controller_and_acts() -> None:
     assert len(body["status"]["policyHistory"]) <= 10
 
 
+def _breach_observer(tpot_ms: float, running: float) -> Any:
+    def observe(url: str, queries: Any) -> control.Observation:
+        return control.Observation(
+            tpot_ms=tpot_ms, tpot_p90_ms=tpot_ms, request_rate=3.0, sample_age_s=3.0,
+            infeasible=False, engine_policy_generation=1, mean_running=running,
+        )  # fmt: skip
+
+    return observe
+
+
+def test_the_profiled_time_model_floors_the_budget() -> None:
+    # profile_json(): plain step = 30 + (1.0 + 0.8)·B ms → 39 ms at B = 5 running requests
+    kube, clock = FakeKube(), Clock()
+    rec = reconciler(kube, clock, observe=_breach_observer(200.0, running=5.0))
+    body = _deployed(kube, rec, cr())
+    clock.t += 31  # past the control interval and the dwell
+    body = apply(body, rec.tick(body))
+    policy = parse_policy(kube.store[("ConfigMap", NS, "chat-policy")]["data"]["policy.json"])
+    assert policy.tpot_budget_ms == pytest.approx(39.0)  # 25 ms without the floor
+    assert "predicted plain decoding step 39.0 ms at 5.0 running" in policy.reason
+
+    kube, clock = FakeKube(), Clock()  # an SLO below the plain step: held, and said so
+    rec = reconciler(kube, clock, observe=_breach_observer(60.0, running=5.0))
+    body = _deployed(kube, rec, cr(slo={"tpotMs": 35}))
+    clock.t += 31
+    body = apply(body, rec.tick(body))
+    assert conds(body["status"])["SLOFeasible"] == ("False", "SLOBelowPlainStep")
+    feasible = next(c for c in body["status"]["conditions"] if c["type"] == "SLOFeasible")
+    assert "39.0 ms" in feasible["message"]
+    policy = parse_policy(kube.store[("ConfigMap", NS, "chat-policy")]["data"]["policy.json"])
+    assert policy.generation == 1 and policy.tpot_budget_ms == 35.0
+
+
+def test_without_a_profile_there_is_no_floor() -> None:
+    kube, clock = FakeKube(), Clock()
+    rec = reconciler(kube, clock, observe=_breach_observer(200.0, running=5.0))
+    body = apply(cr(profiling={"enabled": False}), rec.converge(cr(profiling={"enabled": False})))
+    kube.make_available()
+    body = apply(body, rec.tick(body))
+    clock.t += 31
+    body = apply(body, rec.tick(body))
+    policy = parse_policy(kube.store[("ConfigMap", NS, "chat-policy")]["data"]["policy.json"])
+    assert policy.tpot_budget_ms == pytest.approx(25.0)  # max_step_down only
+
+
 def test_timer_without_prometheus_reports_not_configured() -> None:
     kube = FakeKube()
     rec = Reconciler(kube, OperatorSettings(), clock=Clock())

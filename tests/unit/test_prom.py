@@ -160,6 +160,7 @@ def _routes(overrides: dict[str, str] | None = None) -> Callable[[httpx.Request]
         "slo_infeasible": "infeasible_zero.json",
         "guard_refusals_total": "request_rate.json",
         "min(specserve_policy_generation": "policy_generation.json",
+        "requests_running": "request_rate.json",
     }
     table.update(overrides or {})
 
@@ -186,6 +187,7 @@ def test_collect_builds_an_observation() -> None:
     assert o.engine_policy_generation == 4
     assert o.ttft_ms == pytest.approx(312.5)
     assert o.guard_refusal_rate == pytest.approx(3.2)
+    assert o.mean_running == pytest.approx(3.2)
 
 
 def test_collect_without_series_is_missing_and_failures_are_errors() -> None:

@@ -3,13 +3,12 @@
 Used by `specserve demo` and by the local-loop integration/e2e tests, so both exercise exactly
 the same pieces. Every process is started here and stopped here by PID (reverse order).
 
-The control plane launcher is the e2e suite's (`tests/e2e/controlplane.py`, loaded from the
-repository checkout): the same binaries and flags as the e2e tests (`make envtest` builds them).
+The control plane is `specserve.controlplane`, the same launcher (binaries and flags) as the e2e
+tests use (`make envtest` builds the binaries).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import signal
@@ -19,13 +18,13 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from types import ModuleType, TracebackType
+from types import TracebackType
 from typing import Any
 
 import yaml
 from kubernetes import config as k8s_config
 
-from specserve import promlocal
+from specserve import controlplane, promlocal
 from specserve.kube import Kube, KubeError
 from specserve.localnode.agent import NodeAgent
 from specserve.localnode.api import NodeApi
@@ -36,18 +35,6 @@ log = logging.getLogger("specserve.localnode.stack")
 REPO_ROOT = Path(__file__).resolve().parents[3]
 CRD_FILE = REPO_ROOT / "crds" / "specservices.specserve.io.yaml"
 CHART_DIR = REPO_ROOT / "charts" / "specserve"
-
-
-def load_controlplane() -> ModuleType:
-    path = REPO_ROOT / "tests" / "e2e" / "controlplane.py"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: run from a source checkout of SpecServe")
-    spec = importlib.util.spec_from_file_location("specserve_e2e_controlplane", path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def wait_for(what: str, fn: Callable[[], Any], timeout: float = 60.0, every: float = 0.5) -> Any:
@@ -107,7 +94,7 @@ class LocalStack:
         self.pod_network = pod_network
         self.scrape_interval = scrape_interval
         self.with_rules = with_rules
-        self.cp: Any = None
+        self.cp: controlplane.ControlPlane | None = None
         self.agent: NodeAgent | None = None
         self.prometheus: promlocal.LocalPrometheus | None = None
         self.discovery: promlocal.PodDiscovery | None = None
@@ -124,24 +111,19 @@ class LocalStack:
 
     @property
     def kubeconfig(self) -> Path:
-        return Path(self.cp.kubeconfig)
+        assert self.cp is not None, "control plane not started"
+        return self.cp.kubeconfig
 
     def _timed(self, name: str, t0: float) -> None:
         self.timings[name] = round(time.monotonic() - t0, 2)
 
     def start_control_plane(self) -> None:
         t0 = time.monotonic()
-        mod = load_controlplane()
-        assets = mod.default_assets_dir()
-        missing = mod.missing_assets(assets)
-        if missing:
-            raise FileNotFoundError(
-                f"Kubernetes binaries missing in {assets}: {missing} (run `make envtest`)"
-            )
-        (self.work_dir / "cluster").mkdir(parents=True, exist_ok=True)
-        self.cp = mod.ControlPlane(assets, self.work_dir / "cluster", with_controllers=True)
-        self.cp.start()
-        self._api_client = k8s_config.new_client_from_config(config_file=str(self.cp.kubeconfig))
+        # EnvtestMissingError (a FileNotFoundError) names the missing binaries and `make envtest`
+        cp = controlplane.ControlPlane(controlplane.default_assets_dir(), self.work_dir / "cluster")
+        self.cp = cp
+        cp.start()
+        self._api_client = k8s_config.new_client_from_config(config_file=str(cp.kubeconfig))
         self._kube = Kube(self._api_client)
         self._timed("control_plane_s", t0)
 

@@ -1,16 +1,17 @@
-"""Start a real Kubernetes 1.20.2 control plane on loopback for the e2e tests and benchmarks.
+"""A real Kubernetes 1.20.2 control plane on loopback: for `specserve demo`, the e2e tests and
+the benchmarks, so all of them run exactly the same binaries with the same flags.
 
 etcd, kube-apiserver, kube-controller-manager and kube-scheduler run as child processes from the
-envtest-style asset dir that `scripts/envtest.sh` builds (`KUBEBUILDER_ASSETS`). Every port is a
-free loopback port, every file lives in one temp dir, and `stop()` ends the processes by PID.
-The admin user authenticates with a static bearer token (group system:masters); service-account
-tokens are signed with a key generated here, so TokenRequest works for RBAC tests.
+envtest-style asset dir that `make envtest` (`scripts/envtest.sh`) builds (`KUBEBUILDER_ASSETS`,
+default ~/.cache/specserve/envtest/1.20.2/bin). Every port is a free loopback port, every file
+lives in one work dir, and `stop()` ends the processes by PID. The admin user authenticates with
+a static bearer token (group system:masters); service-account tokens are signed with a key
+generated here, so TokenRequest works for RBAC tests.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import secrets
 import shutil
@@ -28,18 +29,10 @@ from pathlib import Path
 
 import yaml
 
+from specserve.localnode.process import die_with_parent
+
 K8S_VERSION = "1.20.2"
 BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl")
-
-
-def die_with_parent() -> None:
-    """preexec_fn: the child gets SIGKILL when the test process dies (no leaked servers even if
-    pytest itself is killed). Linux prctl(PR_SET_PDEATHSIG); a no-op elsewhere."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG; throw-away servers
-    except (OSError, AttributeError):
-        pass
 
 
 def default_assets_dir() -> Path:
@@ -53,6 +46,21 @@ def default_assets_dir() -> Path:
 
 def missing_assets(assets: Path) -> list[str]:
     return [b for b in BINARIES if not os.access(assets / b, os.X_OK)]
+
+
+class EnvtestMissingError(FileNotFoundError):
+    """The control plane binaries are not there; the message says how to build them."""
+
+
+def require_assets(assets: Path) -> None:
+    """Raise EnvtestMissingError naming the missing binaries and the command that builds them."""
+    missing = missing_assets(assets)
+    if missing:
+        raise EnvtestMissingError(
+            f"Kubernetes {K8S_VERSION} binaries missing in {assets}: {', '.join(missing)}. "
+            "Build them once with `make envtest` (runs scripts/envtest.sh from a SpecServe "
+            "source checkout, ~7-10 min), or set KUBEBUILDER_ASSETS to a directory that has them."
+        )
 
 
 def free_port() -> int:
@@ -85,15 +93,17 @@ class ControlPlane:
     with_controllers: bool = True
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     server: str = ""
+    etcd_url: str = ""
     token: str = ""
     kubeconfig: Path = Path()
 
     # ------------------------------------------------------------------ lifecycle
 
     def start(self, timeout_s: float = 60.0) -> ControlPlane:
-        missing = missing_assets(self.assets)
-        if missing:
-            raise FileNotFoundError(f"envtest binaries missing in {self.assets}: {missing}")
+        """Start etcd, the API server and (optionally) the controllers; EnvtestMissingError
+        before anything starts when a binary is missing."""
+        require_assets(self.assets)
+        self.workdir.mkdir(parents=True, exist_ok=True)
         try:
             self._start_etcd(timeout_s)
             self._start_apiserver(timeout_s)
@@ -256,7 +266,7 @@ def running_control_plane(
     assets: Path | None = None, keep_dir: bool = False, with_controllers: bool = True
 ) -> Iterator[ControlPlane]:
     """Context manager: a started control plane in a fresh temp dir, stopped on exit."""
-    workdir = Path(tempfile.mkdtemp(prefix="specserve-e2e-"))
+    workdir = Path(tempfile.mkdtemp(prefix="specserve-controlplane-"))
     cp = ControlPlane(assets or default_assets_dir(), workdir, with_controllers=with_controllers)
     try:
         yield cp.start()
