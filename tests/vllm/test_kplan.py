@@ -9,6 +9,7 @@ import pytest
 
 from adaspec.backends.vllm.config import SCHEDULER_CLS, VllmSettings, engine_kwargs
 from adaspec.backends.vllm.kplan import (
+    BatchRequests,
     PositionAcceptance,
     RequestRates,
     k_table,
@@ -148,3 +149,35 @@ def test_request_rates_track_each_request() -> None:
     assert rr.worst([], 0.5) is None
     rr.keep({"good"})
     assert rr.rate("bad", 0.5) == 0.5  # forgotten: back to the prior
+
+
+def _reqs(rates: list[float], caps: list[int]) -> BatchRequests:
+    return BatchRequests(np.array(rates), np.array(caps, dtype=np.int64))
+
+
+def test_uncapped_requests_plan_as_a_uniform_batch() -> None:
+    for b in (1, 4, 16):
+        uniform = plan_k(b, 200, ACC, BUSY, None, 8)
+        each = plan_k(b, 200, ACC, BUSY, None, 8, requests=_reqs([0.95] * b, [8] * b))
+        assert (each.k, each.goodput) == (uniform.k, pytest.approx(uniform.goodput))
+    with pytest.raises(ValueError, match="same length"):
+        _reqs([0.5], [1, 2])
+
+
+def test_a_request_that_never_speculates_bounds_the_step_time() -> None:
+    """A request capped at 0 emits one token per step: its time per token is the step time, so
+    a budget between T(1) and T(2) lowers K to 1 although goodput wants more."""
+    reqs = _reqs([0.9, 0.9], [8, 0])
+    free = plan_k(2, 200, ACC, BUSY, None, 8, requests=reqs)
+    assert free.k >= 2 and free.free_k == free.k
+    steps = [plan_k(2, 200, ACC, BUSY, None, k, requests=reqs) for k in range(3)]
+    assert [p.k for p in steps] == [0, 1, 2]
+    t = [p.tpot_s for p in steps]  # with a cap-0 request: TPOT = T(K)
+    assert t[0] == pytest.approx(free.plain_s) and t[0] < t[1] < t[2]
+    g = plan_k(2, 200, ACC, BUSY, (t[1] + t[2]) / 2, 8, requests=reqs)
+    assert g.k == 1 and g.free_k == free.k and not g.infeasible
+    # Capped requests count min(K, cap): with everyone capped at 0, speculation is pointless.
+    assert plan_k(3, 200, ACC, BUSY, None, 8, requests=_reqs([0.9] * 3, [0] * 3)).k == 0
+    # A request capped at 1 gains nothing past one draft, so K stays lower than uncapped.
+    one = plan_k(2, 200, ACC, BUSY, None, 8, requests=_reqs([0.9, 0.9], [8, 1]))
+    assert one.k <= plan_k(2, 200, ACC, BUSY, None, 8).k

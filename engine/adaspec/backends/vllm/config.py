@@ -2,7 +2,12 @@
 
 Two modes:
 - plugin (default): `scheduler_cls` = AdaSpecScheduler, K chosen per step (see scheduler.py);
-  `num_speculative_tokens` = K_max = the Policy's maxDraftTokens (vLLM sizes buffers by it).
+  `num_speculative_tokens` = K_max = the Policy's maxDraftTokens (vLLM sizes buffers by it);
+  `async_scheduling=False` (the scheduler extends vLLM's synchronous Scheduler and trims draft
+  lists per request; a no-op on CPU, where vLLM always turns async scheduling off).
+  Optional switch `adaptive_verification` (GPU only, Model Runner V2): vLLM's adaptive
+  verification with AdaSpec deciding the verified-draft budget (mrv2.py); adds
+  `enable_adaptive_verification`, `worker_cls` = AdaSpecWorker and the verifier settings.
 - config-only (`use_plugin=False`, the documented fallback): no vLLM internals are touched.
   fixed → `num_speculative_tokens = fixedDraftTokens`; off → no speculative_config at all;
   adaptive → `num_speculative_tokens_per_batch_size`, a static batch-size → K table computed
@@ -18,10 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from adaspec.backends.vllm.kplan import k_table, profile_rate, static_k
+from adaspec.backends.vllm.settings import VerifierSettings
 from adaspec.contract import Policy, Profile
 from adaspec.policy.time_model import StepTimePredictor, default_cpu_time_model
 
 SCHEDULER_CLS = "adaspec.backends.vllm.scheduler.AdaSpecScheduler"
+WORKER_CLS = "adaspec.backends.vllm.mrv2.AdaSpecWorker"
 
 
 @dataclass(frozen=True)
@@ -39,6 +46,10 @@ class VllmSettings:
     ctx_hint: int = 512
     """Context length the config-only K table is computed for."""
     trace_file: Path | None = None
+    adaptive_verification: VerifierSettings | None = None
+    """None: vLLM verifies every scheduled draft (both modes as before). Set: vLLM's adaptive
+    verification (Model Runner V2, CUDA only) with AdaSpec choosing how many drafts to verify
+    per step; needs use_plugin, a draft model and enforce_eager=False (full CUDA graphs)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Any other vLLM engine arguments (passed through unchanged)."""
 
@@ -47,8 +58,33 @@ def k_max_for(policy: Policy) -> int:
     return max(policy.max_draft_tokens, policy.fixed_draft_tokens, 1)
 
 
+def _check_verifier_settings(s: VllmSettings) -> None:
+    """What the adaptive-verification switch needs, checked before any vLLM import."""
+    v = s.adaptive_verification
+    assert v is not None
+    if s.enforce_eager:
+        raise ValueError(
+            "adaptive_verification: vLLM's adaptive verification needs full CUDA graphs; "
+            "set enforce_eager=False"
+        )
+    if s.profile is None:
+        for name in ("acceptance", "step_cost"):
+            if getattr(v, name) == "profile":
+                raise ValueError(
+                    f"adaptive_verification.{name}='profile' needs a Profile; pass one or "
+                    f"set {name}='vllm'"
+                )
+    if "worker_cls" in s.extra:
+        raise ValueError("adaptive_verification sets worker_cls itself; remove extra['worker_cls']")
+
+
 def engine_kwargs(s: VllmSettings) -> dict[str, Any]:
     """Keyword arguments for `vllm.AsyncEngineArgs` / `vllm.LLM`."""
+    if s.adaptive_verification is not None and (not s.use_plugin or s.draft is None):
+        raise ValueError(
+            "adaptive_verification needs the AdaSpec scheduler plugin (use_plugin=True) and a "
+            "draft model"
+        )
     kw: dict[str, Any] = {
         "model": str(s.target),
         "dtype": s.dtype,
@@ -64,6 +100,12 @@ def engine_kwargs(s: VllmSettings) -> dict[str, Any]:
     if s.use_plugin:
         spec["num_speculative_tokens"] = k_max_for(s.policy)
         kw["scheduler_cls"] = SCHEDULER_CLS
+        if s.extra.get("async_scheduling"):
+            raise ValueError(
+                "extra['async_scheduling']: the AdaSpec scheduler plugin trims drafts per "
+                "request on vLLM's synchronous path; leave async scheduling off"
+            )
+        kw["async_scheduling"] = False
         settings: dict[str, Any] = {"k_max": k_max_for(s.policy)}
         if s.policy_file is not None:
             settings["policy_file"] = str(s.policy_file)
@@ -73,6 +115,11 @@ def engine_kwargs(s: VllmSettings) -> dict[str, Any]:
             settings["profile_json"] = s.profile.to_json()
         if s.trace_file is not None:
             settings["trace_file"] = str(s.trace_file)
+        if s.adaptive_verification is not None:
+            _check_verifier_settings(s)
+            spec["enable_adaptive_verification"] = True
+            kw["worker_cls"] = WORKER_CLS
+            settings["verifier"] = s.adaptive_verification.model_dump(mode="json")
         kw["additional_config"] = {"adaspec": settings}
         kw["speculative_config"] = spec
         return kw

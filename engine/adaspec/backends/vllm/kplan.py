@@ -10,15 +10,18 @@ the Profile's calibrated mean rate as a prior, corrected online from verificatio
   step time                    T(K) = Σ_{j<K} draft_pass(B rows, ctx B·(L+j))
                                       + verify(B rows, B·(K+1) tokens, ctx B·((K+1)L + K(K+1)/2))
   goodput                      G(K) = B·E(K) / T(K)
-  SLO guard                    admit K only if T(K)/E_i(K) ≤ budget for every request i; the
-                               binding request is the one with the lowest acceptance r_min
-                               (E_min(K) = 1 + Σ_{j≤K} r_min^j, per-request rates tracked by
-                               the scheduler). With uniform acceptance the goodput-optimal K
-                               also minimises T/E, so the guard bites through this spread: a
-                               long draft that pays for the batch can still make the worst
-                               request's time per token break the budget.
+  SLO guard                    admit K only if T(K)/E_i(K) ≤ budget for every request i, with
+                               E_i(K) = 1 + Σ_{j≤min(K,cap_i)} min(Π a, r_i^j): each request's
+                               own acceptance r_i (tracked by the scheduler) and its own draft
+                               cap (`adaspec_max_draft`). With uniform, uncapped requests the
+                               goodput-optimal K also minimises T/E, so the guard bites through
+                               the spread: a long draft that pays for the batch can still break
+                               the budget of the request with the lowest acceptance, or of a
+                               capped request (capped at 0: its time per token is T(K) itself).
                                If even K = 0 breaks it the guard steps aside (infeasible step:
                                refusing speculation would only make every request slower).
+  caps                         a capped request verifies min(K, cap_i) drafts: the verified
+                               tokens and the batch goodput count that, not K.
 
 The same math (same time model class, same guard semantics) as adaspec.policy.adaptive, at the
 granularity vLLM exposes. `k_table` folds it into vLLM's static `num_speculative_tokens_per_
@@ -44,9 +47,31 @@ class KPlan:
     goodput: float
     """Predicted tokens per second for the whole batch."""
     tpot_s: float
-    """Predicted time per output token of a request in this step."""
+    """Predicted time per output token of the worst request in this step."""
     infeasible: bool = False
     """Even plain decoding is predicted to break the budget (the guard stepped aside)."""
+    free_k: int = 0
+    """The goodput-optimal K without the budget (what the guard lowered, if k < free_k)."""
+    plain_s: float = 0.0
+    """Predicted time of a plain step (K = 0): every request's time per token at K = 0."""
+
+
+@dataclass(frozen=True)
+class BatchRequests:
+    """The running requests a K is planned for, as the guard sees them.
+
+    `rates`: each request's own acceptance per draft token so far; `caps`: its own draft cap
+    (`adaspec_max_draft`; k_max or more = uncapped). A capped request verifies min(K, cap)
+    drafts and gains nothing from a longer K but still waits for the longer step; a request
+    capped at 0 gets time per token = step time, so its budget bounds the step time itself.
+    """
+
+    rates: FloatArray
+    caps: NDArray[np.int64]
+
+    def __post_init__(self) -> None:
+        if self.rates.shape != self.caps.shape or self.rates.ndim != 1:
+            raise ValueError("rates and caps must be 1-D arrays of the same length")
 
 
 def plan_k(
@@ -57,16 +82,26 @@ def plan_k(
     budget_s: float | None,
     k_max: int,
     worst_rate: float | None = None,
+    requests: BatchRequests | None = None,
 ) -> KPlan:
     """The goodput-maximising K in [0, k_max] whose predicted TPOT stays within the budget
-    for every request (`worst_rate`: the lowest per-request acceptance; None = uniform)."""
+    for every request.
+
+    `worst_rate`: the lowest per-request acceptance (one uncapped request the guard protects);
+    `requests`: per-request rates and caps (goodput and verified tokens then count each
+    request's min(K, cap) drafts). Neither: a uniform batch."""
     if batch < 1:
         return KPlan(0, 0.0, 0.0)
     k_max = max(0, min(int(k_max), int(accept_pos.shape[0])))
     b = float(batch)
     L = max(float(ctx_mean), 0.0)
     a = np.clip(np.asarray(accept_pos[:k_max], dtype=np.float64), 0.0, 1.0)
-    surv = np.cumprod(a)
+    surv_cum = np.concatenate(([0.0], np.cumsum(np.cumprod(a))))  # Σ_{j<=n} Π a, n = 0..k_max
+    guard_rates, guard_caps = _guard_rows(requests, worst_rate, k_max)
+    # Each guarded request's own expected tokens at n drafts: 1 + Σ_{j<=n} r^j.
+    powers = guard_rates[:, None] ** np.arange(1, k_max + 1)[None, :]
+    own_cum = 1.0 + np.concatenate((np.zeros((guard_rates.size, 1)), powers.cumsum(axis=1)), 1)
+    rows = np.arange(guard_rates.size)
     best: KPlan | None = None
     plain: KPlan | None = None
     fallback: KPlan | None = None
@@ -74,14 +109,20 @@ def plan_k(
     for k in range(k_max + 1):
         if k > 0:
             draft_s += times.draft_pass(b, b * (L + k - 1))
-        e = 1.0 + float(surv[:k].sum())
-        verify_s = times.verify(b, b * (k + 1), b * ((k + 1) * L + k * (k + 1) / 2.0))
+        if requests is None or requests.caps.size == 0:
+            n_req = np.array([k])
+        else:
+            n_req = np.minimum(requests.caps, k)
+        m = float(n_req.mean())  # drafts verified per request
+        e_req = 1.0 + surv_cum[n_req]
+        verify_s = times.verify(b, b * (m + 1), b * ((m + 1) * L + m * (m + 1) / 2.0))
         t = draft_s + verify_s
-        e_worst = e
-        if worst_rate is not None:
-            r = min(max(float(worst_rate), 0.0), 1.0)
-            e_worst = min(e, 1.0 + float(sum(r**j for j in range(1, k + 1))))
-        plan = KPlan(k, b * e / t if t > 0 else float("inf"), t / e_worst)
+        e_worst = float(e_req.min())
+        if guard_rates.size:
+            n_g = np.minimum(guard_caps, k)
+            own = own_cum[rows, n_g]
+            e_worst = min(e_worst, float(np.minimum(1.0 + surv_cum[n_g], own).min()))
+        plan = KPlan(k, b * float(e_req.mean()) / t if t > 0 else float("inf"), t / e_worst)
         if k == 0:
             plain = plan
         if fallback is None or plan.goodput > fallback.goodput:
@@ -92,10 +133,28 @@ def plan_k(
             best = plan
     assert plain is not None and fallback is not None
     if best is not None:
-        return best
-    # Nothing meets the budget: K = 0 breaks it too (speculation only ever lowers the time per
-    # token of a step it was admitted to, or it would not have been chosen), so step aside.
-    return KPlan(fallback.k, fallback.goodput, fallback.tpot_s, infeasible=True)
+        return KPlan(best.k, best.goodput, best.tpot_s, False, fallback.k, plain.tpot_s)
+    # Nothing meets the budget, plain decoding included: refusing speculation would only make
+    # every request slower, so step aside with the goodput-optimal K (reported infeasible).
+    return KPlan(fallback.k, fallback.goodput, fallback.tpot_s, True, fallback.k, plain.tpot_s)
+
+
+def _guard_rows(
+    requests: BatchRequests | None, worst_rate: float | None, k_max: int
+) -> tuple[FloatArray, NDArray[np.int64]]:
+    """(rate, cap) of every request whose own acceptance the guard protects."""
+    rates: list[float] = []
+    caps: list[int] = []
+    if requests is not None:
+        rates += [float(r) for r in requests.rates]
+        caps += [int(c) for c in requests.caps]
+    if worst_rate is not None:
+        rates.append(float(worst_rate))
+        caps.append(k_max)
+    return (
+        np.clip(np.asarray(rates, dtype=np.float64), 0.0, 1.0),
+        np.asarray(caps, dtype=np.int64),
+    )
 
 
 class RequestRates:

@@ -8,6 +8,7 @@ The server's loader (server/cli.py `make_loader`) would call, in place of LLMEng
 `args` needs target, draft ("none" = no speculation), max_batch and max_model_len, as the
 server's flags have. The live policy is the PolicySource's current document; with a policy
 file the AdaSpec scheduler inside vLLM watches the same file (hot reload without restart).
+`adaptive_verification` (GPU only) and `extra` (more vLLM engine arguments) go to VllmSettings.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 from adaspec.backends.vllm.config import VllmSettings
 from adaspec.backends.vllm.engine import VllmEngine
+from adaspec.backends.vllm.settings import VerifierSettings
 from adaspec.contract import Profile
 from adaspec.policy_source import PolicySource
 
@@ -28,6 +30,8 @@ def load_vllm_engine(
     *,
     use_plugin: bool = True,
     trace_file: Path | None = None,
+    adaptive_verification: VerifierSettings | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> tuple[VllmEngine, Any]:
     from adaspec.models import RichProgress, resolve_model
     from adaspec.server.codec import HFCodec
@@ -36,6 +40,9 @@ def load_vllm_engine(
     target_dir = resolve_model(args.target, progress)
     draft_dir = None if args.draft == "none" else resolve_model(args.draft, progress)
     policy, _ = source.current()
+    more: dict[str, Any] = dict(extra or {})
+    if getattr(args, "tensor_parallel_size", 1) > 1:
+        more["tensor_parallel_size"] = args.tensor_parallel_size
     engine = VllmEngine(
         VllmSettings(
             target=target_dir,
@@ -47,11 +54,9 @@ def load_vllm_engine(
             max_model_len=args.max_model_len,
             max_num_seqs=args.max_batch,
             trace_file=trace_file,
-            extra=(
-                {"tensor_parallel_size": args.tensor_parallel_size}
-                if getattr(args, "tensor_parallel_size", 1) > 1
-                else {}
-            ),
+            adaptive_verification=adaptive_verification,
+            enforce_eager=adaptive_verification is None,  # adaptive verification: CUDA graphs
+            extra=more,
         ),
         max_waiting=getattr(args, "max_waiting", 64),
     )
