@@ -22,9 +22,17 @@ from pathlib import Path
 from _common import RESULTS, print_table, write_json
 from replay.args import add_trace_args, scale_spec, trace_from_args
 from replay.report import HEADERS, bar_plot, best_static, ratios, table_rows
-from replay.runs import DEFAULT_POLICIES, PolicyRun, check_kinds, real_runs, sim_runs
+from replay.runs import (
+    DEFAULT_POLICIES,
+    PolicyRun,
+    add_prefill_args,
+    check_kinds,
+    real_runs,
+    sim_config,
+    sim_runs,
+)
 
-from adaspec.sim import SimConfig, TraceError, load_acceptance_model, load_builtin_profile
+from adaspec.sim import TraceError, load_acceptance_model, load_builtin_profile
 
 DEFAULT_TOKENIZER = Path.home() / ".cache/specserve/models/qwen2.5-coder-0.5b-instruct"
 
@@ -42,6 +50,7 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-draft", type=int, default=8)
     p.add_argument("--max-batch", type=int, default=4)
     p.add_argument("--noise", type=float, default=0.05, help="sim: log-normal sd per pass")
+    add_prefill_args(p)
     p.add_argument(
         "--rounds",
         type=int,
@@ -81,7 +90,9 @@ def run_comparison(args: argparse.Namespace) -> tuple[dict[str, PolicyRun], dict
     if args.engine == "sim":
         profile = load_builtin_profile(args.profile)
         meta["profile"] = args.profile
-        cfg = SimConfig(max_batch=args.max_batch, noise_sigma=args.noise, seed=args.seed)
+        cfg = sim_config(args, max_batch=args.max_batch, noise_sigma=args.noise, seed=args.seed)
+        meta["prefill_chunk_tokens"] = cfg.prefill_chunk_tokens
+        meta["prefill_min_chunk"] = cfg.prefill_min_chunk
         runs = sim_runs(
             trace,
             profile,
@@ -97,8 +108,19 @@ def run_comparison(args: argparse.Namespace) -> tuple[dict[str, PolicyRun], dict
         from replay.prompts import PromptBuilder, load_prompt_set, tokenizer_from
 
         builder = PromptBuilder(tokenizer_from(args.tokenizer), load_prompt_set(), args.seed)
-        server_args = ["--max-batch", str(args.max_batch), *args.server_arg]
+        sim_config(args)  # the same checks of the prefill flags
+        server_args = [
+            "--max-batch",
+            str(args.max_batch),
+            "--prefill-chunk-tokens",
+            str(args.prefill_chunk_tokens),
+            "--prefill-min-chunk",
+            str(args.prefill_min_chunk),
+            *args.server_arg,
+        ]
         meta["server_args"] = server_args
+        meta["prefill_chunk_tokens"] = args.prefill_chunk_tokens
+        meta["prefill_min_chunk"] = args.prefill_min_chunk
         runs = real_runs(
             trace,
             kinds,

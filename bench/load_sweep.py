@@ -21,11 +21,17 @@ from typing import Any
 
 import numpy as np
 from _common import RESULTS, print_table, write_json
-from replay.runs import DEFAULT_POLICIES, check_kinds, real_runs, sim_runs
+from replay.runs import (
+    DEFAULT_POLICIES,
+    add_prefill_args,
+    check_kinds,
+    real_runs,
+    sim_config,
+    sim_runs,
+)
 
 from adaspec.sim import (
     ScaleSpec,
-    SimConfig,
     Trace,
     TraceError,
     load_builtin_profile,
@@ -57,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tpot-budget-ms", type=float, help="default: 0.9 × SLO")
     p.add_argument("--max-batch", type=int, default=256)
     p.add_argument("--noise", type=float, default=0.05)
+    add_prefill_args(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--cpu-lengths",
@@ -72,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         check_kinds(kinds)
         rates = [float(r) for r in args.rates.split(",")]
         source = load_trace(args.lengths_from, args.trace_dir, seed=args.seed)
+        cfg = sim_config(args, max_batch=args.max_batch, noise_sigma=args.noise, seed=args.seed)
     except (TraceError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -92,7 +100,6 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.monotonic()
         if args.engine == "sim":
             profile = load_builtin_profile(args.profile)
-            cfg = SimConfig(max_batch=args.max_batch, noise_sigma=args.noise, seed=args.seed)
             runs = sim_runs(tr, profile, all_kinds, args.tpot_slo_ms, budget, cfg)
         else:
             from replay.prompts import PromptBuilder, load_prompt_set, tokenizer_from
@@ -129,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         name,
         {"engine": args.engine, "profile": args.profile if args.engine == "sim" else None,
          "tpot_slo_ms": args.tpot_slo_ms, "tpot_budget_ms": budget, "max_batch": args.max_batch,
+         "prefill_chunk_tokens": cfg.prefill_chunk_tokens if args.engine == "sim" else None,
+         "prefill_min_chunk": cfg.prefill_min_chunk if args.engine == "sim" else None,
          "requests_per_rate": args.requests, "lengths_from": args.lengths_from,
          "seed": args.seed, "rates": out},
     )  # fmt: skip

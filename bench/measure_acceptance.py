@@ -69,7 +69,8 @@ def _replay_prompts(run_json: Path, n: int) -> tuple[list[list[int]], list[int],
     trace = load_trace(m["trace"], Path(m.get("trace_dir") or _TRACE_DIR), seed=m["seed"])
     if m.get("scale"):
         trace = scale_trace(trace, ScaleSpec(**m["scale"]))
-    builder = PromptBuilder(tokenizer_from(m.get("tokenizer") or _TOKENIZER), load_prompt_set(), m["seed"])
+    tokenizer = tokenizer_from(m.get("tokenizer") or _TOKENIZER)
+    builder = PromptBuilder(tokenizer, load_prompt_set(), m["seed"])
     k = len(trace)
     prompts = [builder.token_ids(i, int(trace.prompt_len[i % k])) for i in range(n)]
     return prompts, [int(trace.output_len[i % k]) for i in range(n)], frozenset()

@@ -7,11 +7,13 @@ GPU-class profile as load grows, with the oracle best static K per window (regre
     python bench/sim_validate.py production [--loads 1,4,16] [--traces adaspec-conv,...]
 
 `validate` rebuilds the measured run's scaled trace from its JSON (trace, scale, seed, rounds,
-max batch, SLO) and simulates every measured policy the same way (fresh policy per window).
+max batch, SLO, prefill chunking; runs without `prefill_chunk_tokens` were whole-prompt) and
+simulates every measured policy the same way (fresh policy per window).
 `production` replays the full AdaSpec windows (lengths paired from the source traces with the
 paper's caps) with `--profile` (default: the H200 ESTIMATE) at each load factor (arrivals
 compressed ×factor), runs every policy plus fixed K = 1…`--oracle-max-k`, and reports AdaSpec's
-goodput against the oracle static K for the whole window and per `--window-s` slice.
+goodput against the oracle static K for the whole window and per `--window-s` slice. Prompts are
+prefilled in chunks as the engine does (`--prefill-chunk-tokens 0`: whole-prompt stalls).
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ from typing import Any
 import numpy as np
 from _common import RESULTS, print_table, write_json
 from replay.report import best_static
-from replay.runs import DEFAULT_POLICIES, PolicyRun, sim_runs
+from replay.runs import DEFAULT_POLICIES, PolicyRun, add_prefill_args, sim_config, sim_runs
 
 from adaspec.contract import Profile, StepTimeModel, TimeModel
+from adaspec.policy.prefill import DEFAULT_MIN_CHUNK
 from adaspec.sim import (
     ScaleSpec,
     SimConfig,
@@ -58,8 +61,9 @@ def scaled_profile(profile: Profile, f: float) -> Profile:
         )
 
     tm = profile.time_model
+    prefill = sc(tm.prefill) if tm.prefill is not None else None
     return profile.model_copy(
-        update={"time_model": TimeModel(draft=sc(tm.draft), verify=sc(tm.verify))}
+        update={"time_model": TimeModel(draft=sc(tm.draft), verify=sc(tm.verify), prefill=prefill)}
     )
 
 
@@ -78,7 +82,15 @@ def validate(args: argparse.Namespace) -> int:
         trace = scale_trace(trace, ScaleSpec(**m["scale"]))
     profile = load_builtin_profile(args.profile)
     kinds = list(m["policies"])
-    cfg = SimConfig(max_batch=m["max_batch"], noise_sigma=args.noise, seed=m["seed"])
+    # the measured run's prefill: runs that predate chunked prefill do not record it and were
+    # whole-prompt admissions (0)
+    cfg = SimConfig(
+        max_batch=m["max_batch"],
+        noise_sigma=args.noise,
+        seed=m["seed"],
+        prefill_chunk_tokens=int(m.get("prefill_chunk_tokens", 0)),
+        prefill_min_chunk=int(m.get("prefill_min_chunk", DEFAULT_MIN_CHUNK)),
+    )
     acceptance = load_acceptance_model(args.acceptance) if args.acceptance else None
     rounds = args.rounds or int(m.get("rounds", 1))
 
@@ -118,7 +130,10 @@ def validate(args: argparse.Namespace) -> int:
             "throughput_error": e_thr,
             "mean_tpot_error": e_mean,
         }
-    print(f"simulated ({args.profile}) vs measured ({path.name}); target |error| ≤ 10 %")
+    print(
+        f"simulated ({args.profile}, prefill chunks {cfg.prefill_chunk_tokens or 'off'}) vs "
+        f"measured ({path.name}); target |error| ≤ 10 %"
+    )
     print_table(
         ["policy", "P90 meas", "P90 sim", "P90 err", "thr meas", "thr sim", "thr err", "mean err"],
         rows,
@@ -129,7 +144,9 @@ def validate(args: argparse.Namespace) -> int:
     p = write_json(
         f"sim_validate-{m['trace']}",
         {"measured_file": str(path), "profile": args.profile, "acceptance": args.acceptance,
-         "calibrated_on": args.calibrate_on, "time_scale": scale, "policies": out,
+         "calibrated_on": args.calibrate_on, "time_scale": scale,
+         "prefill_chunk_tokens": cfg.prefill_chunk_tokens,
+         "prefill_min_chunk": cfg.prefill_min_chunk, "policies": out,
          "worst_p90_tpot_error": worst_p90, "worst_throughput_error": worst_thr},
     )  # fmt: skip
     print(f"wrote {p}")
@@ -144,7 +161,7 @@ def production(args: argparse.Namespace) -> int:
     oracle_ks = [f"fixed-{k}" for k in range(1, args.oracle_max_k + 1)]
     all_kinds = list(dict.fromkeys(kinds + oracle_ks))
     budget = args.tpot_budget_ms or 0.9 * args.tpot_slo_ms
-    cfg = SimConfig(max_batch=args.max_batch, noise_sigma=args.noise, seed=args.seed)
+    cfg = sim_config(args, max_batch=args.max_batch, noise_sigma=args.noise, seed=args.seed)
     slo_s = args.tpot_slo_ms / 1000.0
     results: dict[str, Any] = {}
     table: list[list[object]] = []
@@ -230,7 +247,8 @@ def production(args: argparse.Namespace) -> int:
     p = write_json(
         f"sim_production{tag}",
         {"profile": args.profile, "tpot_slo_ms": args.tpot_slo_ms, "tpot_budget_ms": budget,
-         "max_batch": args.max_batch, "loads": loads, "window_s": args.window_s,
+         "max_batch": args.max_batch, "prefill_chunk_tokens": cfg.prefill_chunk_tokens,
+         "prefill_min_chunk": cfg.prefill_min_chunk, "loads": loads, "window_s": args.window_s,
          "seed": args.seed, "traces": results},
     )  # fmt: skip
     png = _plot(results, kinds, RESULTS / f"sim_production{tag}.png", args.tpot_slo_ms)
@@ -301,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--window-s", type=float, default=60.0)
     q.add_argument("--max-requests", type=int, help="first N requests only (smoke runs)")
     q.add_argument("--tag", default="")
+    add_prefill_args(q)
     args = p.parse_args(argv)
     try:
         return validate(args) if args.cmd == "validate" else production(args)

@@ -13,6 +13,7 @@ tokens over the time that policy actually served.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import dataclasses
 import json
@@ -24,6 +25,7 @@ import numpy as np
 
 from adaspec import metric_names as mn
 from adaspec.contract import Policy, Profile, SpecMode
+from adaspec.policy.prefill import DEFAULT_MAX_CHUNK, DEFAULT_MIN_CHUNK
 from adaspec.sim.acceptance import AcceptanceModel
 from adaspec.sim.results import RequestRecord, Summary, summarize
 from adaspec.sim.simulator import SimConfig, SimResult, run_policy
@@ -101,6 +103,45 @@ def _shifted(recs: list[RequestRecord], shift: float) -> list[RequestRecord]:
         )
         for r in recs
     ]
+
+
+def add_prefill_args(p: argparse.ArgumentParser) -> None:
+    """Chunked-prefill settings (simulator, and `adaspec serve` for real runs), with the
+    engine's defaults."""
+    p.add_argument(
+        "--prefill-chunk-tokens",
+        type=int,
+        default=DEFAULT_MAX_CHUNK,
+        help="prompt tokens per step across prefilling requests (chunked prefill); "
+        "0: whole-prompt prefill that stalls the batch (the old baseline)",
+    )
+    p.add_argument(
+        "--prefill-min-chunk",
+        type=int,
+        default=DEFAULT_MIN_CHUNK,
+        help="prompt tokens the oldest prefilling request gets per step even when the "
+        "TPOT budget leaves no room",
+    )
+
+
+def sim_config(args: argparse.Namespace, **fields: object) -> SimConfig:
+    """SimConfig from `fields` plus the prefill flags; a ValueError naming the flag if invalid."""
+    if args.prefill_chunk_tokens < 0:
+        raise ValueError(f"--prefill-chunk-tokens must be >= 0, got {args.prefill_chunk_tokens}")
+    if args.prefill_min_chunk < 1:
+        raise ValueError(f"--prefill-min-chunk must be >= 1, got {args.prefill_min_chunk}")
+    if 0 < args.prefill_chunk_tokens < args.prefill_min_chunk:
+        raise ValueError(
+            f"--prefill-min-chunk ({args.prefill_min_chunk}) must not exceed "
+            f"--prefill-chunk-tokens ({args.prefill_chunk_tokens})"
+        )
+    return SimConfig.model_validate(
+        {
+            **fields,
+            "prefill_chunk_tokens": args.prefill_chunk_tokens,
+            "prefill_min_chunk": args.prefill_min_chunk,
+        }
+    )
 
 
 def sim_runs(

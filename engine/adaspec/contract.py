@@ -74,9 +74,10 @@ class TimeModel(_Camel):
 
     `prefill` (optional, added after schema version 1 shipped; older profiles omit it) is the
     time to prefill prompt tokens into the target *and* the draft cache: rows = prompts (or
-    prompt chunks), tokens = prompt tokens, ctx = their attention work. A verification feeds a few tokens per
-    row and is memory-bound, so its per-token slope says nothing about a 500-token prompt; on
-    CPU the two differ by 100×. Without it, prompt cost is predicted with `verify`.
+    prompt chunks), tokens = prompt tokens, ctx = their attention work. A verification feeds a
+    few tokens per row and is memory-bound, so its per-token slope says nothing about a
+    500-token prompt; on CPU the two differ by 100×. Without it, prompt cost is predicted
+    with `verify`.
     """
 
     draft: StepTimeModel

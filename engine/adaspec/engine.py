@@ -1,18 +1,28 @@
 """The engine loop: admission, continuous batching, streaming, policy application, metrics.
 
 Models are not thread-safe, so ONE background thread owns the backend: it admits waiting
-requests (prefill via `backend.add`) up to `backend.max_batch`, runs `backend.step` for the
-running batch under the live policy, and hands each request's new text to its asyncio consumer
-with `loop.call_soon_threadsafe` into a per-request `asyncio.Queue`. Everything that touches the
+requests up to `backend.max_batch`, runs `backend.step` for the running batch under the live
+policy, and hands each request's new text to its asyncio consumer with
+`loop.call_soon_threadsafe` into a per-request `asyncio.Queue`. Everything that touches the
 backend happens in that thread; other threads only enqueue (submit, abort, shutdown).
+
+Admission: with a backend that supports chunked prefill (and `prefill_chunk_tokens` > 0) a
+waiting request joins the running batch as *prefilling*: every step the engine plans how many
+prompt tokens ride along with the step (`plan_prefill`: FIFO, sized so the step still fits the
+live policy's TPOT budget when the batch decodes plainly, at least `prefill_min_chunk` tokens for
+the oldest prompt) and the request decodes from the step its first token arrives (TTFT is
+observed then). The plan uses the live Policy's tpotBudgetMs for every policy kind, so baselines
+get the same chunking as AdaSpec. Otherwise a request's whole prompt is prefilled by
+`backend.add` between two steps, and every running request waits for it.
 
 Per-request rules: stop at `max_tokens`, at the context limit, at EOS (unless `ignore_eos`) and
 at stop strings (the stop string is not returned; text that could start a stop string is held
 back until it is decided). Aborts (client gone) are applied at the next step boundary and free the
-backend's slots before the next step. A failing `add` fails that request; a failing `step` fails
-the whole running batch (the backend cannot say which request broke it) — each consumer gets a
-final output with `error` set, nobody hangs. If the loop itself dies, every request is failed
-and the engine reports not ready.
+backend's slots before the next step (prefilling requests too). A failing `add` or
+`begin_prefill` fails that request; a failing `step` fails the whole running batch, prefilling
+requests included (they share the step's forwards; the backend cannot say which request broke
+it) — each consumer gets a final output with `error` set, nobody hangs. If the loop itself dies,
+every request is failed and the engine reports not ready.
 """
 
 from __future__ import annotations
@@ -27,13 +37,23 @@ import uuid
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, cast
 
-from adaspec.backends.base import Backend, SamplingParams, SeqState
+from adaspec.backends.base import (
+    Backend,
+    ChunkedPrefillBackend,
+    PrefillChunks,
+    SamplingParams,
+    SeqState,
+    StepResult,
+    supports_chunked_prefill,
+)
 from adaspec.contract import Policy, Profile
 from adaspec.metrics import EngineMetrics
 from adaspec.policy.base import SpecPolicy
 from adaspec.policy.factory import PolicySelector, StepLimits
+from adaspec.policy.prefill import DEFAULT_MAX_CHUNK, DEFAULT_MIN_CHUNK, plan_prefill
+from adaspec.policy.time_model import StepTimePredictor, default_cpu_time_model
 from adaspec.policy_source import PolicySource
 
 log = logging.getLogger("adaspec.engine")
@@ -176,6 +196,10 @@ class _Request:
     """Upper bound on prompt + output tokens (the backend's context limit)."""
     first_token_at: float | None = None
     generated: int = 0
+    prefilling: bool = False
+    """Chunked prefill: in the running batch, prompt not fully prefilled, no token yet."""
+    prefill_total: int = 0
+    prefill_done: int = 0
     # incremental detokenization: ids = prompt tail + output; text = decoded output so far
     detok_ids: list[int] = field(default_factory=list)
     prefix_offset: int = 0
@@ -217,10 +241,36 @@ class LLMEngine:
         max_waiting: int = 64,
         metrics: EngineMetrics | None = None,
         idle_wait_s: float = 0.05,
+        prefill_chunk_tokens: int = DEFAULT_MAX_CHUNK,
+        prefill_min_chunk: int = DEFAULT_MIN_CHUNK,
     ) -> None:
         if max_waiting < 1:
             raise ValueError("max_waiting must be >= 1")
+        if prefill_chunk_tokens < 0:
+            raise ValueError(
+                f"prefill_chunk_tokens must be >= 0 (0: whole-prompt admission), "
+                f"got {prefill_chunk_tokens}"
+            )
+        if prefill_min_chunk < 1:
+            raise ValueError(f"prefill_min_chunk must be >= 1, got {prefill_min_chunk}")
+        if 0 < prefill_chunk_tokens < prefill_min_chunk:
+            raise ValueError(
+                f"prefill_min_chunk ({prefill_min_chunk}) must not exceed "
+                f"prefill_chunk_tokens ({prefill_chunk_tokens})"
+            )
         self.backend = backend
+        self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.prefill_min_chunk = prefill_min_chunk
+        self._chunked: ChunkedPrefillBackend | None = (
+            cast(ChunkedPrefillBackend, backend)
+            if prefill_chunk_tokens > 0 and supports_chunked_prefill(backend)
+            else None
+        )
+        # The planner's own predictor, from the served profile as the policies' (no online
+        # bias correction: every policy kind must get the same chunks for fair comparisons).
+        self._prefill_times = StepTimePredictor(
+            profile.time_model if profile is not None else default_cpu_time_model()
+        )
         self.tokenizer = tokenizer
         self.policy_source = policy_source
         self.selector = PolicySelector(profile, spec_policy_override)
@@ -260,6 +310,11 @@ class LLMEngine:
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
         self.policy_source.start()
+
+    @property
+    def chunked_prefill(self) -> bool:
+        """Whether prompts are prefilled in chunks riding along with the decoding steps."""
+        return self._chunked is not None
 
     @property
     def ready(self) -> bool:
@@ -420,6 +475,9 @@ class LLMEngine:
                 if not self._waiting:
                     break
                 req = self._waiting.popleft()
+            if self._chunked is not None:
+                self._begin_prefill(self._chunked, req)
+                continue
             try:
                 first = self.backend.add(req.seq)
             except Exception as e:
@@ -436,14 +494,68 @@ class LLMEngine:
             self._deliver(req, [first])
         self._update_gauges()
 
+    def _begin_prefill(self, backend: ChunkedPrefillBackend, req: _Request) -> None:
+        """Register `req` with the backend; its prompt rides along with the next steps."""
+        try:
+            backend.begin_prefill(req.seq)
+        except Exception as e:
+            log.exception("prefill failed for %s", req.id)
+            self._safe_remove(req)
+            self._finish(req, "error", f"prefill failed: {type(e).__name__}: {e}")
+            return
+        req.prefilling = True
+        req.prefill_total = len(req.seq.prompt_ids) + len(req.seq.output_ids)
+        req.prefill_done = 0
+        with self._lock:
+            self._running.append(req)
+
+    def _plan_prefill(
+        self, backend: ChunkedPrefillBackend, decoding: list[_Request], prefilling: list[_Request]
+    ) -> PrefillChunks | None:
+        """This step's prompt chunks: the plan keeps a plain step of the decoding rows plus the
+        chunks within the live policy's TPOT budget (every policy kind, for fair comparisons)."""
+        if not prefilling:
+            return None
+        b = len(decoding)
+        plain_s = 0.0
+        if b:
+            ctx = sum(len(r.seq.prompt_ids) + len(r.seq.output_ids) - 1 for r in decoding)
+            plain_s = self._prefill_times.verify(b, b, float(ctx))
+            if backend.has_draft:  # a step that does not draft runs a draft forward of its own
+                plain_s += self._prefill_times.draft_forward_fixed_s  # over the chunks
+        policy = self.live_policy
+        plan = plan_prefill(
+            self._prefill_times,
+            [r.prefill_total - r.prefill_done for r in prefilling],
+            [r.prefill_done for r in prefilling],
+            decode_rows=b,
+            plain_step_s=plain_s,
+            budget_s=policy.tpot_budget_ms / 1000.0 if policy is not None else None,
+            max_chunk=self.prefill_chunk_tokens,
+            min_chunk=self.prefill_min_chunk,
+        )
+        return PrefillChunks(
+            {r.id: n for r, n in zip(prefilling, plan.chunks, strict=True) if n > 0}, plan.extra_s
+        )
+
     def _step(self) -> None:
         assert self._spec is not None
         batch = list(self._running)
+        decoding = [r for r in batch if not r.prefilling]
+        prefilling = [r for r in batch if r.prefilling]
+        chunks: PrefillChunks | None = None
         t0 = time.monotonic()
         try:
-            result = self.backend.step(
-                [r.seq for r in batch], self._spec, self._limits.max_draft, self._limits.budget_s
-            )
+            result: StepResult
+            seqs = [r.seq for r in decoding]
+            spec, limits = self._spec, self._limits
+            if self._chunked is not None:
+                chunks = self._plan_prefill(self._chunked, decoding, prefilling)
+                result = self._chunked.step(
+                    seqs, spec, limits.max_draft, limits.budget_s, prefill=chunks
+                )
+            else:
+                result = self.backend.step(seqs, spec, limits.max_draft, limits.budget_s)
         except Exception as e:
             log.exception("decoding step failed; failing %d running requests", len(batch))
             for req in batch:
@@ -453,14 +565,32 @@ class LLMEngine:
             self._update_gauges()
             return
         self.steps += 1
-        self.metrics.record_step(result.stats, time.monotonic() - t0, forwards=len(batch))
-        for req in batch:
+        now = time.monotonic()
+        firsts: list[_Request] = []
+        for req in prefilling:
+            req.prefill_done += chunks.tokens.get(req.id, 0) if chunks is not None else 0
+            if req.prefill_done >= req.prefill_total:
+                firsts.append(req)
+        # one target forward per prefill (counted when it completes) and per decoding request
+        self.metrics.record_step(result.stats, now - t0, forwards=len(decoding) + len(firsts))
+        for req in decoding:
             toks = result.new_tokens.get(req.id)
             if not toks:
                 self._safe_remove(req)
                 self._drop_running(req)
                 self._finish(req, "error", "the backend returned no token for this request")
                 continue
+            self._deliver(req, toks)
+        for req in firsts:
+            req.prefilling = False
+            toks = result.new_tokens.get(req.id)
+            if not toks:
+                self._safe_remove(req)
+                self._drop_running(req)
+                self._finish(req, "error", "the backend returned no first token after prefill")
+                continue
+            req.first_token_at = now
+            self.metrics.ttft.observe(now - req.arrival)
             self._deliver(req, toks)
         self._update_gauges()
 

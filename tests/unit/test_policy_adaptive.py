@@ -55,12 +55,18 @@ def run_drafting(
 
 
 def step_time(policy: AdaSpecPolicy, ctx: StepContext, conf: np.ndarray, lens: np.ndarray) -> float:
-    """Predicted step time of verifying `lens` (draft passes counted from the drafted lens)."""
+    """Predicted step time of verifying `lens` (draft passes counted from the drafted lens),
+    prompt chunks included: they ride along (`prefill_extra_s`), and when nothing was drafted
+    they need a draft forward of their own."""
     c = StepCosts(ctx, conf, lens, policy.cal, policy.times)
     L = ctx.context_lens.astype(float)
     s = lens.astype(float)
     work = float(((s + 1) * L + s * (s + 1) / 2).sum())
-    return c.draft_s + policy.times.verify(ctx.batch, float(s.sum()) + ctx.batch, work)
+    t = c.draft_s + policy.times.verify(ctx.batch, float(s.sum()) + ctx.batch, work)
+    t += ctx.prefill_extra_s
+    if ctx.prefill_extra_s > 0 and ctx.max_draft > 0 and int(lens.sum()) == 0:
+        t += policy.times.draft_forward_fixed_s
+    return t
 
 
 batch_sizes = st.integers(min_value=1, max_value=48)
@@ -75,7 +81,10 @@ def step_inputs(draw: st.DrawFn) -> tuple[StepContext, np.ndarray]:
     ctx_lens = rng.integers(1, 2048, size=b).astype(np.int64)
     conf = rng.beta(draw(st.floats(0.2, 5.0)), draw(st.floats(0.2, 5.0)), size=(b, k))
     budget = draw(st.one_of(st.none(), st.floats(min_value=0.005, max_value=0.2)))
-    return StepContext(context_lens=ctx_lens, max_draft=k, budget_s=budget), conf
+    extra = draw(st.one_of(st.just(0.0), st.floats(min_value=0.0, max_value=0.1)))
+    return StepContext(
+        context_lens=ctx_lens, max_draft=k, budget_s=budget, prefill_extra_s=extra
+    ), conf
 
 
 @settings(max_examples=150, deadline=None)
@@ -100,14 +109,14 @@ def test_guard_never_admits_an_over_budget_step(inp: tuple[StepContext, np.ndarr
     if ctx.budget_s is None:
         return
     worst = d.predicted_step_s / float(d.expected_tokens.min())
-    plain = policy.predicted_plain_step_s(ctx.context_lens)
+    plain = policy.plain_step_s(ctx)  # prompt chunks included
     if d.infeasible:
         # nothing can meet the budget: damage control picks the plan with the lowest worst
         # time per token among "verify all drafted" and "verify none" (drafts already paid)
         assert plain > ctx.budget_s
         c = StepCosts(ctx, conf, lens, policy.cal, policy.times)
         verify_all = step_time(policy, ctx, conf, lens) / float(c.E.min())
-        verify_none = c.draft_s + plain
+        verify_none = c.draft_s + plain  # (an upper bound when drafts paid the chunks' pass)
         assert worst <= min(verify_all, verify_none) + 1e-12
     elif d.lens.sum() > 0:
         assert plain <= ctx.budget_s
@@ -230,3 +239,113 @@ def test_empty_batch_and_zero_max_draft() -> None:
     assert d.lens.shape == (0,)
     ctx = StepContext(context_lens=np.full(3, 10, dtype=np.int64), max_draft=0)
     assert not policy.start(ctx).any()
+
+
+def test_prompt_chunks_make_the_guard_draft_less_then_flag_the_step() -> None:
+    """The same step with a growing prefill extra: fewer drafts, then infeasible."""
+    b, k = 2, 4
+    lens0 = np.full(b, 100, dtype=np.int64)
+    src = np.array([[0.95] * k, [0.9] * k])
+    policy = _policy(CPU_LIKE)  # a draft pass costs ~40% of a verification
+    plain = policy.plain_step_s(StepContext(context_lens=lens0, max_draft=k))
+    budget = 1.6 * plain  # room for one or two draft passes
+    ctx = StepContext(context_lens=lens0, max_draft=k, budget_s=budget)
+    conf, lens = run_drafting(policy, ctx, src)
+    roomy = policy.verify_lengths(ctx, conf, lens)
+    assert roomy.lens.sum() > 0 and roomy.guard_refusals == 0 and not roomy.infeasible
+
+    # chunks taking most of the room: the same step drafts less
+    tight = StepContext(
+        context_lens=lens0, max_draft=k, budget_s=budget, prefill_extra_s=0.19 * plain
+    )
+    conf, lens = run_drafting(policy, tight, src)
+    d = policy.verify_lengths(tight, conf, lens)
+    assert d.lens.sum() < roomy.lens.sum()
+    assert d.guard_refusals > 0 and not d.infeasible
+    assert d.predicted_step_s / float(d.expected_tokens.min()) <= budget
+    assert d.predicted_step_s >= plain + tight.prefill_extra_s  # the chunks are in the step
+
+    # chunks beyond the room: even plain decoding breaks the budget
+    over = StepContext(
+        context_lens=lens0, max_draft=k, budget_s=budget, prefill_extra_s=0.38 * plain
+    )
+    conf, lens = run_drafting(policy, over, src)
+    d = policy.verify_lengths(over, conf, lens)
+    assert d.infeasible and policy.plain_step_s(over) > budget
+
+
+def test_without_a_budget_prompt_chunks_do_not_buy_more_drafts() -> None:
+    """The prompt costs the same however much is drafted, so with no budget to respect the
+    chunks must not change what is verified once drafting has started: amortising them over
+    more drafts would only lengthen the step and slow admission."""
+    b, k = 3, 6
+    ctx_lens = np.full(b, 200, dtype=np.int64)
+    src = np.array([[0.97] * k, [0.8] * k, [0.55] * k])
+    chunks = StepContext(context_lens=ctx_lens, max_draft=k, prefill_extra_s=2.0)
+    plain = StepContext(context_lens=ctx_lens, max_draft=k)
+    for model in (CPU_LIKE, GPU_LIKE):
+        with_chunks = _policy(model)
+        conf, lens = run_drafting(with_chunks, chunks, src)
+        d_chunks = with_chunks.verify_lengths(chunks, conf, lens)
+        without = _policy(model)
+        conf0, lens0 = run_drafting(without, plain, src)
+        d_plain = without.verify_lengths(plain, conf0, lens0)
+        assert lens0.sum() > 0
+        np.testing.assert_array_equal(lens, lens0)
+        np.testing.assert_array_equal(d_chunks.lens, d_plain.lens)
+        assert d_chunks.predicted_step_s == pytest.approx(d_plain.predicted_step_s + 2.0)
+
+
+def test_a_step_without_drafts_is_charged_the_chunks_and_their_draft_forward() -> None:
+    policy = _policy(CPU_LIKE)
+    ctx_lens = np.full(3, 50, dtype=np.int64)
+    base = StepContext(context_lens=ctx_lens, max_draft=4)
+    with_chunks = StepContext(context_lens=ctx_lens, max_draft=4, prefill_extra_s=0.2)
+    no_draft_model = StepContext(context_lens=ctx_lens, max_draft=0, prefill_extra_s=0.2)
+    zero = np.zeros((3, 4))
+    none = np.zeros(3, dtype=np.int64)
+    plain = policy.verify_lengths(base, zero, none).predicted_step_s
+    charged = policy.verify_lengths(with_chunks, zero, none).predicted_step_s
+    assert charged == pytest.approx(plain + 0.2 + policy.times.draft_forward_fixed_s)
+    assert policy.plain_step_s(with_chunks) == pytest.approx(charged)
+    assert policy.plain_step_s(no_draft_model) == pytest.approx(plain + 0.2)
+
+
+@pytest.mark.parametrize("slowdown", [1.0, 1.5])
+def test_bias_correction_counts_the_chunks_of_a_step(slowdown: float) -> None:
+    """Steps with prompt chunks, whose draft share is measured in the first draft pass, move
+    the biases by the machine's true slowdown only (a prediction without the chunks would scale
+    a correct model up; one that trusted the phase split would move the draft bias)."""
+    policy = _policy(CPU_LIKE)
+    truth = StepTimePredictor(CPU_LIKE)
+    b, k = 2, 3
+    src = np.full((b, k), 0.9)
+    for i in range(160):
+        extra = 0.3 if i % 2 else 0.0  # every other step carries prompt chunks
+        ctx = StepContext(
+            context_lens=np.full(b, 120, dtype=np.int64), max_draft=k, prefill_extra_s=extra
+        )
+        conf, lens = run_drafting(policy, ctx, src)
+        d = policy.verify_lengths(ctx, conf, lens)
+        draft_s = StepCosts(ctx, conf, lens, policy.cal, truth).draft_s
+        s = d.lens.astype(float)
+        L = ctx.context_lens.astype(float)
+        verify_s = truth.verify(b, float(s.sum()) + b, float(((s + 1) * L + s * (s + 1) / 2).sum()))
+        verify_s += extra
+        if extra and not lens.any():
+            verify_s += truth.draft_forward_fixed_s
+        shift = 0.1 if extra and lens.any() else 0.0  # the chunks' draft share, in pass 0
+        policy.observe(
+            StepOutcome(
+                conf=conf,
+                verified_lens=d.lens,
+                accepted=np.minimum(d.lens, 1),
+                context_lens=ctx.context_lens,
+                drafted_lens=lens,
+                draft_time_s=slowdown * (draft_s + shift),
+                verify_time_s=slowdown * (verify_s - shift),
+                prefill_extra_s=extra,
+            )
+        )
+    assert policy.times.verify_scale == pytest.approx(slowdown, rel=0.02)
+    assert policy.times.draft_scale == pytest.approx(slowdown, rel=0.02)

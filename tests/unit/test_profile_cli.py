@@ -52,6 +52,10 @@ def test_axes_can_be_overridden() -> None:
             "5",
             "--warmup",
             "0",
+            "--prefill-tokens",
+            "64,16,300",
+            "--prefill-offsets",
+            "700,0",
         )
     )
     assert grid.batch_sizes == (1, 2, 4)
@@ -59,7 +63,24 @@ def test_axes_can_be_overridden() -> None:
     assert grid.context_lengths == (100, 900)
     assert (grid.max_step_tokens, grid.repeats, grid.warmup) == (20, 5, 0)
     assert {p.tokens for p in grid.verify_points()} <= set(range(21))
-    assert grid.max_context == 905
+    assert grid.prefill_tokens == (16, 64, 300) and grid.prefill_offsets == (0, 700)
+    # the longest row is a prefill chunk now: 300 prompt tokens on top of 700 cached
+    assert grid.max_context == 1000
+    skipped = cli.grid_from_args(_args("--skip-prefill", "--context-lengths", "100,900"))
+    assert skipped.prefill_points() == [] and skipped.max_context == 908
+
+
+def test_prefill_points_cover_chunk_sizes_offsets_and_two_chunk_passes() -> None:
+    for grid in (DEFAULT_GRID, QUICK_GRID):
+        points = grid.prefill_points()
+        assert len(points) >= 6
+        ones = {(p.n, p.offset) for p in points if p.batch == 1}
+        assert ones == {(n, d) for n in grid.prefill_tokens for d in grid.prefill_offsets}
+        assert any(p.batch == 2 for p in points)  # separates per-chunk from per-pass cost
+        assert 0 in grid.prefill_offsets  # a prompt's first chunk
+        assert grid.max_context >= max(p.offset + p.n for p in points)
+    # the engine feeds up to 512 prompt tokens per step; the default grid spans that range
+    assert min(DEFAULT_GRID.prefill_tokens) <= 16 and max(DEFAULT_GRID.prefill_tokens) >= 512
 
 
 @pytest.mark.parametrize(
@@ -73,6 +94,8 @@ def test_axes_can_be_overridden() -> None:
         (["--batch-sizes", "1", "--context-lengths", "64"], "fewer than 6 draft points"),
         (["--max-step-tokens", "1"], "fewer than 6 verification points"),
         (["--calib-bins", "0"], "--calib-bins must be >= 1"),
+        (["--prefill-offsets=-1,0"], "--prefill-offsets: -1 is below the minimum 0"),
+        (["--prefill-tokens", "16", "--prefill-offsets", "0"], "fewer than 6 prefill points"),
     ],
 )
 def test_bad_flags_exit_2_with_the_flag_named(
@@ -110,7 +133,7 @@ def _big_profile(bins: int) -> Profile:
         hardware=Hardware(device="cuda:NVIDIA H200 141GB HBM3e", threads=256, backend="torch"),
         target=ModelIdentity(name=name, sha256="a" * 64),
         draft=ModelIdentity(name=name, sha256="b" * 64),
-        time_model=TimeModel(draft=step, verify=step),
+        time_model=TimeModel(draft=step, verify=step, prefill=step),
         calibration=AcceptanceCalibration(
             bin_edges=edges,
             accept_prob=[0.1234] * bins,

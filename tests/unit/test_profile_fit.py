@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from adaspec.contract import StepTimeModel
+from adaspec.policy.prefill import chunk_ctx_work
 from adaspec.profile.calibration import calibrate, roc_auc
 from adaspec.profile.fit import (
     StepSample,
     features,
     fit_step_time,
     holdout_mask,
+    mape,
     nnls,
     predict,
 )
@@ -97,6 +102,62 @@ def test_predict_uses_all_terms() -> None:
     model = fit_step_time(_samples((100.0, 1.0, 2.0, 3.0), noise=0.0, seed=0))
     s = StepSample((2, 2), (1000, 500), 1.0)
     assert predict(model, [s])[0] == pytest.approx(100 + 2 + 8 + 3 * 3.0, rel=1e-3)
+
+
+# ----------------------------------------------------------------------------- prefill
+
+CPU_VERIFY = StepTimeModel(  # the measured 2-core CPU profile's verification model
+    intercept_ms=187.836, per_row_ms=2.34, per_token_ms=0.0162, per_ctx_ktoken_ms=2.26049
+)
+
+
+def _prefill_samples(
+    coef: tuple[float, float, float, float], noise: float, seed: int, pairs: bool = True
+) -> list[StepSample]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for p in DEFAULT_GRID.prefill_points():
+        if p.batch > 1 and not pairs:
+            continue
+        work = p.batch * chunk_ctx_work(p.offset, p.n)
+        s = StepSample((p.n,) * p.batch, (p.offset,) * p.batch, 1.0, ctx_work=work)
+        t = float(features([s])[0] @ np.array(coef))
+        out.append(replace(s, time_ms=t * (1.0 + noise * rng.standard_normal())))
+    return out
+
+
+def test_prefill_samples_use_the_planners_attention_work() -> None:
+    s = StepSample((512, 512), (768, 768), 1.0, ctx_work=2 * chunk_ctx_work(768, 512))
+    # a chunk attends to its cached prefix and causally to itself, not just q·ctx
+    assert features([s]).tolist() == [[1.0, 2.0, 1024.0, 2 * (512 * 768 + 512 * 513 / 2) / 1000]]
+
+
+def test_prefill_fit_predicts_held_out_prefill_far_better_than_the_verify_model() -> None:
+    """A compute-bound prompt (~3 ms per token for target + draft on the 2-core CPU) priced
+    with the verification model's slope (0.016 ms per token) is off by up to 4×."""
+    samples = _prefill_samples((230.0, 12.0, 3.1, 0.6), noise=0.03, seed=5)
+    model = fit_step_time(samples)
+    assert model.fit is not None and model.fit.n_test >= 2
+    held = [s for s, h in zip(samples, holdout_mask(len(samples)), strict=True) if h]
+    y = np.array([s.time_ms for s in held])
+    verify_mape = mape(y, predict(CPU_VERIFY, held))
+    assert model.fit.mape < 0.08
+    assert verify_mape > 0.3
+    assert model.fit.mape < verify_mape / 4
+    assert model.per_token_ms == pytest.approx(3.1, rel=0.1)
+
+
+def test_two_chunk_points_separate_per_chunk_from_per_pass_cost() -> None:
+    """What a chunk adds to a verification is the prefill model without its intercept, so the
+    per-chunk term must not absorb the pass's fixed cost."""
+    coef = (230.0, 12.0, 3.1, 0.6)
+    model = fit_step_time(_prefill_samples(coef, noise=0.0, seed=0))
+    got = (model.intercept_ms, model.per_row_ms, model.per_token_ms, model.per_ctx_ktoken_ms)
+    assert got == pytest.approx(coef, rel=1e-3)
+    # with one-chunk points only, rows ≡ 1: the fixed cost stays in the intercept
+    ones = fit_step_time(_prefill_samples((242.0, 0.0, 3.1, 0.6), noise=0.0, seed=0, pairs=False))
+    assert ones.per_row_ms == 0.0
+    assert ones.intercept_ms == pytest.approx(242.0, rel=1e-3)
 
 
 # ----------------------------------------------------------------------------- calibration

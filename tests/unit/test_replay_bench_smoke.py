@@ -36,7 +36,7 @@ def _run(script: str, *args: str) -> str:
 
 
 def test_compare_policies_sim(cleanup: list[Path]) -> None:
-    name = f"compare_policies-sim-adaspec-conv{TAG}"
+    name = f"compare_policies-sim-adaspec-conv-{TAG}"  # the script puts "-" before a tag
     cleanup += [RESULTS / f"{name}.json", RESULTS / f"{name}.png"]
     out = _run("compare_policies.py", "--engine", "sim", "--max-requests", "6", f"--tag={TAG}")
     assert "adaptive" in out and "best static K" in out
@@ -46,6 +46,7 @@ def test_compare_policies_sim(cleanup: list[Path]) -> None:
     }  # fmt: skip
     for p in data["policies"].values():
         assert p["summary"]["completed"] == 6
+    assert (data["prefill_chunk_tokens"], data["prefill_min_chunk"]) == (512, 32)
     assert data["ratios"]["off"]["goodput_vs_off"] == pytest.approx(1.0)
     assert (RESULTS / f"{name}.png").stat().st_size > 0
 
@@ -61,16 +62,27 @@ def test_compare_policies_rejects_unknown_policy() -> None:
     assert proc.returncode == 2 and "unknown policy 'bogus'" in proc.stderr
 
 
+def test_prefill_flags_are_checked() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "compare_policies.py"), "--prefill-chunk-tokens",
+         "16", "--max-requests", "2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "--prefill-min-chunk (32) must not exceed --prefill-chunk-tokens (16)" in proc.stderr
+
+
 def test_load_sweep_sim(cleanup: list[Path]) -> None:
     name = f"load_sweep-sim{TAG}"
     cleanup += [RESULTS / f"{name}.json", RESULTS / f"{name}.png"]
     _run(
         "load_sweep.py",
         "--rates", "5,40", "--requests", "20", "--policies", "off,fixed-3,adaptive",
-        "--oracle-max-k", "2", f"--tag={TAG}",
+        "--oracle-max-k", "2", f"--tag={TAG}", "--prefill-chunk-tokens", "256",
     )  # fmt: skip
     data = json.loads((RESULTS / f"{name}.json").read_text())
     assert list(data["rates"]) == ["5", "40"]
+    assert (data["prefill_chunk_tokens"], data["prefill_min_chunk"]) == (256, 32)
     assert data["rates"]["5"]["best_static"] in {"off", "fixed-1", "fixed-2", "fixed-3"}
 
 
@@ -86,22 +98,30 @@ def test_sim_validate_production_and_validate(cleanup: list[Path], tmp_path: Pat
     res = data["traces"]["adaspec-code"]["x4"]
     assert res["oracle_static"] in {"off", "fixed-1", "fixed-2"}
     assert 0.0 < res["adaptive_vs_oracle"] <= 1.5
+    assert (data["prefill_chunk_tokens"], data["prefill_min_chunk"]) == (512, 32)
 
-    # validate against a "measured" file: a sim run of the same scaled trace must match itself
-    cmp_name = f"compare_policies-sim-adaspec-conv{TAG}v"
+    # validate against a "measured" file: a sim run of the same scaled trace must match itself.
+    # The run is unchunked and, like runs from before chunked prefill, does not say so:
+    # validate must then simulate whole-prompt admission (chunked would differ).
+    cmp_name = f"compare_policies-sim-adaspec-conv-{TAG}v"
     cleanup += [RESULTS / f"{cmp_name}.json", RESULTS / f"{cmp_name}.png"]
     _run(
         "compare_policies.py", "--engine", "sim", "--max-requests", "6", "--noise", "0",
         "--policies", "off,adaptive", f"--tag={TAG}v", "--rounds", "1",
+        "--prefill-chunk-tokens", "0",
     )  # fmt: skip
+    measured = RESULTS / f"{cmp_name}.json"
+    doc = json.loads(measured.read_text())
+    assert doc.pop("prefill_chunk_tokens") == 0 and doc.pop("prefill_min_chunk") == 32
+    measured.write_text(json.dumps(doc))
     val = RESULTS / "sim_validate-adaspec-conv.json"
     backup = val.read_bytes() if val.exists() else None
     try:
         out = _run(
-            "sim_validate.py", "--noise", "0", "validate",
-            "--measured", str(RESULTS / f"{cmp_name}.json"),
+            "sim_validate.py", "--noise", "0", "validate", "--measured", str(measured)
         )  # fmt: skip
         assert "worst |error|: P90 TPOT 0.0%, throughput 0.0%" in out
+        assert json.loads(val.read_text())["prefill_chunk_tokens"] == 0
     finally:
         if backup is not None:
             val.write_bytes(backup)

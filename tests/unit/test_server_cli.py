@@ -1,8 +1,10 @@
 """`adaspec serve` as a real process with the scripted backend (no weights): policy file hot
-reload through /metrics, graceful SIGTERM, and a clean exit when models cannot load."""
+reload through /metrics, graceful SIGTERM, a clean exit when models cannot load, and the
+chunked-prefill flags."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import signal
 import subprocess
@@ -14,6 +16,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from adaspec import metric_names as mn
+from adaspec.server import cli as serve_cli
 from adaspec.server.launch import ServerProcess, free_port
 
 
@@ -92,3 +95,41 @@ def test_serve_exits_when_models_cannot_load(tmp_path: Path) -> None:
     )
     assert proc.returncode == 1
     assert "loading the models failed" in proc.stderr and "missing" in proc.stderr
+
+
+def parse_serve(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="adaspec serve")
+    serve_cli.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_prefill_chunk_flags_defaults_and_errors() -> None:
+    ns = parse_serve([])
+    assert ns.prefill_chunk_tokens == 512 and serve_cli.prefill_min_chunk(ns) == 32
+    assert serve_cli.check_args(ns) is None  # chunked prefill is on by default
+    ns = parse_serve(["--prefill-chunk-tokens", "16"])
+    assert serve_cli.check_args(ns) is None and serve_cli.prefill_min_chunk(ns) == 16
+    ns = parse_serve(["--prefill-chunk-tokens", "0"])  # whole-prompt prefill
+    assert serve_cli.check_args(ns) is None
+    for argv, names in (
+        (["--prefill-chunk-tokens", "-1"], ["--prefill-chunk-tokens"]),
+        (["--prefill-min-chunk", "0"], ["--prefill-min-chunk"]),
+        (
+            ["--prefill-chunk-tokens", "8", "--prefill-min-chunk", "16"],
+            ["--prefill-min-chunk", "--prefill-chunk-tokens"],
+        ),
+    ):
+        problem = serve_cli.check_args(parse_serve(argv))
+        assert problem is not None and all(n in problem for n in names), (argv, problem)
+
+
+def test_serve_refuses_a_bad_chunk_limit_before_loading() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "adaspec.cli", "serve", "--prefill-chunk-tokens", "-5"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "--prefill-chunk-tokens must be >= 0" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -7,6 +7,7 @@ model's own forward, token by token, without any cache.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,7 +15,14 @@ import numpy as np
 import pytest
 import torch
 
-from adaspec.backends.base import Backend, SamplingParams, SeqState, StepStats
+from adaspec.backends.base import (
+    Backend,
+    ChunkedPrefillBackend,
+    PrefillChunks,
+    SamplingParams,
+    SeqState,
+    StepStats,
+)
 from adaspec.backends.torch import TorchBackend
 from adaspec.backends.torch.tiny import noisy_copy, tiny_model
 from adaspec.policy.base import (
@@ -255,36 +263,49 @@ def test_caches_hold_exactly_the_committed_tokens(target: Any, drafts: dict[str,
         for s in seqs:
             s.output_ids.extend(res.new_tokens[s.seq_id])
     assert rejected > 0
-    fresh = _backend(target, drafts["noisy"], max_batch=2)
     for s in seqs:
-        row = backend._rows[s.seq_id]
-        committed = [*s.prompt_ids, *s.output_ids]
-        n_t = backend.target.length(row.t_slot)
-        assert n_t == len(committed) - 1
-        assert row.d_slot is not None and backend.draft is not None and fresh.draft is not None
+        assert_caches_hold(backend, s.seq_id, [*s.prompt_ids, *s.output_ids])
+
+
+def _assert_slot_equals_fresh_prefill(
+    runner: Any, slot: int, fresh_runner: Any, tokens: list[int]
+) -> None:
+    n = len(tokens)
+    assert runner.length(slot) == n
+    if n == 0:
+        return
+    fs = fresh_runner.alloc()
+    fresh_runner.forward([fs], [tokens], last_n=0)
+    for layer in range(len(runner.cache.keys)):
+        for got, want in (
+            (runner.cache.keys[layer], fresh_runner.cache.keys[layer]),
+            (runner.cache.values[layer], fresh_runner.cache.values[layer]),
+        ):
+            torch.testing.assert_close(got[slot, :, :n], want[fs, :, :n], atol=1e-5, rtol=0)
+    fresh_runner.free(fs)
+
+
+def assert_caches_hold(backend: TorchBackend, seq_id: str, committed: list[int]) -> None:
+    """Both caches of a decoding request equal a fresh prefill of its committed tokens minus
+    what is pending (the module invariant: target + 1 == draft + len(draft_lag) == committed)."""
+    row = backend._rows[seq_id]
+    fresh = TorchBackend(
+        backend.target.model,
+        backend.draft.model if backend.draft is not None else None,
+        max_batch=1,
+        max_model_len=backend.max_model_len,
+        dtype=torch.float32,
+    )
+    n_t = backend.target.length(row.t_slot)
+    assert n_t == len(committed) - 1
+    assert row.pending == committed[-1]
+    _assert_slot_equals_fresh_prefill(backend.target, row.t_slot, fresh.target, committed[:n_t])
+    if backend.draft is not None:
+        assert row.d_slot is not None and fresh.draft is not None
         n_d = backend.draft.length(row.d_slot)
         assert n_d + len(row.draft_lag) == len(committed)
         assert row.draft_lag == committed[n_d:]
-        for runner, fresh_runner, slot, n in (
-            (backend.target, fresh.target, row.t_slot, n_t),
-            (backend.draft, fresh.draft, row.d_slot, n_d),
-        ):
-            fs = fresh_runner.alloc()
-            fresh_runner.forward([fs], [committed[:n]], last_n=0)
-            for layer in range(len(runner.cache.keys)):
-                torch.testing.assert_close(
-                    runner.cache.keys[layer][slot, :, :n],
-                    fresh_runner.cache.keys[layer][fs, :, :n],
-                    atol=1e-5,
-                    rtol=0,
-                )
-                torch.testing.assert_close(
-                    runner.cache.values[layer][slot, :, :n],
-                    fresh_runner.cache.values[layer][fs, :, :n],
-                    atol=1e-5,
-                    rtol=0,
-                )
-            fresh_runner.free(fs)
+        _assert_slot_equals_fresh_prefill(backend.draft, row.d_slot, fresh.draft, committed[:n_d])
 
 
 def test_slots_are_reused_and_membership_errors_are_clear(
@@ -292,6 +313,8 @@ def test_slots_are_reused_and_membership_errors_are_clear(
 ) -> None:
     backend = _backend(target, drafts["noisy"], max_batch=2)
     as_protocol: Backend = backend  # mypy checks TorchBackend against the Backend protocol
+    chunked: ChunkedPrefillBackend = backend  # ... and the chunked-prefill one
+    assert chunked.chunked_prefill and chunked.has_draft
     assert as_protocol.max_batch == 2 and as_protocol.eos_token_ids == frozenset({1})
     for round_ in range(4):  # more requests over time than slots
         a = SeqState(f"a{round_}", PROMPTS[1], SamplingParams())
@@ -396,3 +419,222 @@ def test_guard_refusals_and_infeasibility_reach_the_step_stats(
     assert tight.stats.decision.guard_refusals > 0 and not tight.stats.decision.infeasible
     impossible = backend.step(seqs, policy, max_draft=4, budget_s=plain * 0.1)
     assert impossible.stats.decision is not None and impossible.stats.decision.infeasible
+
+
+# ----------------------------------------------------------------------------- chunked prefill
+
+
+def run_chunked(
+    backend: TorchBackend,
+    policy: SpecPolicy,
+    max_draft: int,
+    *,
+    chunk_sizes: list[int],
+    admit_at: list[int],
+    prompts: list[list[int]] = PROMPTS,
+    max_tokens: list[int] = MAX_TOKENS,
+    params: SamplingParams | None = None,
+    check_caches: bool = False,
+    extra_s: float = 0.0,
+) -> tuple[list[list[int]], list[StepStats]]:
+    """Like `run_engine`, but prompts are registered at step `admit_at[i]` (when there is room)
+    and fed in chunks cycling through `chunk_sizes`, riding along with the decoding steps."""
+    seqs = [
+        SeqState(f"r{i}", p, params or SamplingParams(max_tokens=n))
+        for i, (p, n) in enumerate(zip(prompts, max_tokens, strict=True))
+    ]
+    sizes = itertools.cycle(chunk_sizes)
+    waiting = list(range(len(prompts)))
+    prefilling: list[int] = []
+    running: list[int] = []
+    done = [0] * len(prompts)
+    stats: list[StepStats] = []
+    step = 0
+    while waiting or prefilling or running:
+        while (
+            waiting
+            and admit_at[waiting[0]] <= step
+            and len(prefilling) + len(running) < backend.max_batch
+        ):
+            i = waiting.pop(0)
+            backend.begin_prefill(seqs[i])
+            prefilling.append(i)
+        chunks = {seqs[i].seq_id: min(next(sizes), len(prompts[i]) - done[i]) for i in prefilling}
+        batch = [seqs[i] for i in running]
+        res = backend.step(batch, policy, max_draft, None, PrefillChunks(chunks, extra_s))
+        step += 1
+        stats.append(res.stats)
+        finishing = [i for i in prefilling if done[i] + chunks[seqs[i].seq_id] == len(prompts[i])]
+        expected = {s.seq_id for s in batch} | {seqs[i].seq_id for i in finishing}
+        assert set(res.new_tokens) == expected
+        assert res.stats.batch == len(batch)
+        assert res.stats.prefill_tokens == sum(chunks.values())
+        assert res.stats.prefill_done == len(finishing)
+        for i in list(running):
+            seqs[i].output_ids.extend(res.new_tokens[seqs[i].seq_id])
+        for i in prefilling:
+            done[i] += chunks[seqs[i].seq_id]
+        for i in finishing:
+            assert len(res.new_tokens[seqs[i].seq_id]) == 1
+            seqs[i].output_ids.extend(res.new_tokens[seqs[i].seq_id])
+            prefilling.remove(i)
+            running.append(i)
+        for i in list(running):
+            if len(seqs[i].output_ids) >= max_tokens[i]:
+                del seqs[i].output_ids[max_tokens[i] :]
+                backend.remove(seqs[i].seq_id)
+                running.remove(i)
+        if check_caches:
+            for i in running:
+                s = seqs[i]
+                assert_caches_hold(backend, s.seq_id, [*s.prompt_ids, *s.output_ids])
+            for i in prefilling:
+                p = backend._prefilling[seqs[i].seq_id]
+                assert p.done == done[i] == backend.target.length(p.t_slot)
+                if backend.draft is not None and p.d_slot is not None:
+                    assert backend.draft.length(p.d_slot) == done[i]
+    assert backend.running == 0
+    assert backend.target.cache.free_slots == backend.max_batch
+    return [s.output_ids for s in seqs], stats
+
+
+@pytest.mark.parametrize(
+    ("draft_kind", "policy_kind", "max_batch", "chunk_sizes", "admit_at"),
+    [
+        ("noisy", "fixed3", 3, [3, 5, 2], [0, 0, 2, 3, 5]),
+        ("noisy", "jagged4", 2, [4, 1, 6], [0, 1, 1, 4, 4]),
+        ("noisy", "adaptive4", 3, [5], [0, 3, 3, 3, 9]),
+        ("noisy", "off", 3, [2, 7], [0, 1, 2, 3, 4]),
+        ("same", "fixed5", 5, [1], [0, 0, 0, 0, 0]),
+        ("unrelated", "fixed3", 4, [13, 3], [1, 0, 6, 2, 2]),
+    ],
+)
+def test_chunked_prefill_equals_plain_greedy(
+    target: Any,
+    drafts: dict[str, Any],
+    references: list[list[int]],
+    draft_kind: str,
+    policy_kind: str,
+    max_batch: int,
+    chunk_sizes: list[int],
+    admit_at: list[int],
+) -> None:
+    """Prompts split unevenly over steps, admitted while others decode: exactly the plain
+    greedy output, with both caches holding exactly the committed tokens after every step."""
+    policy, max_draft = _policy(policy_kind)
+    backend = _backend(target, drafts[draft_kind], max_batch=max_batch)
+    outputs, stats = run_chunked(
+        backend, policy, max_draft, chunk_sizes=chunk_sizes, admit_at=admit_at, check_caches=True
+    )
+    assert outputs == references
+    mixed = [s for s in stats if s.batch > 0 and s.prefill_tokens > 0]
+    assert mixed, "no step fed a chunk along with decoding rows"
+    if policy_kind == "off":
+        assert all(s.draft_passes == 0 for s in stats)  # chunks got their own draft forward
+    else:
+        assert any(s.draft_passes > 0 for s in mixed)  # chunks rode along with draft pass 0
+
+
+def test_chunked_prefill_without_a_draft_is_exact(target: Any, references: list[list[int]]) -> None:
+    backend = _backend(target, None, max_batch=3)
+    outputs, _ = run_chunked(
+        backend, FixedKPolicy(3), 3, chunk_sizes=[4, 3], admit_at=[0, 2, 2, 5, 5]
+    )
+    assert outputs == references
+
+
+def test_chunked_prefill_samples_like_whole_prompt_admission(
+    target: Any, drafts: dict[str, Any]
+) -> None:
+    """Same backend seed, same admission order: each request draws the same random stream
+    whether its prompt was prefilled whole or in chunks, so the sampled outputs are equal."""
+    params = SamplingParams(temperature=1.0)
+    whole, _ = run_engine(
+        _backend(target, drafts["noisy"], max_batch=3, seed=11), FixedKPolicy(3), 3, params=params
+    )
+    chunked, _ = run_chunked(
+        _backend(target, drafts["noisy"], max_batch=3, seed=11),
+        FixedKPolicy(3),
+        3,
+        chunk_sizes=[2, 5],
+        admit_at=[0, 1, 3, 3, 8],
+        params=params,
+    )
+    other, _ = run_engine(
+        _backend(target, drafts["noisy"], max_batch=3, seed=12), FixedKPolicy(3), 3, params=params
+    )
+    assert chunked == whole
+    assert other != whole  # the seed matters: the comparison above can fail
+
+
+class RecordingPolicy(JaggedPolicy):
+    """Records every StepContext it is shown."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.contexts: list[StepContext] = []
+
+    def start(self, ctx: StepContext) -> BoolArray:
+        self.contexts.append(ctx)
+        return super().start(ctx)
+
+
+def test_policy_never_sees_prefilling_rows_but_sees_their_cost(
+    target: Any, drafts: dict[str, Any]
+) -> None:
+    backend = _backend(target, drafts["noisy"], max_batch=3)
+    policy = RecordingPolicy()
+    a = SeqState("a", PROMPTS[0], SamplingParams())
+    a.output_ids.append(backend.add(a))
+    b = SeqState("b", PROMPTS[2], SamplingParams())
+    backend.begin_prefill(b)
+    assert backend.running == 2
+    with pytest.raises(KeyError, match="still prefilling"):
+        backend.step([a, b], policy, 4, None)
+    res = backend.step([a], policy, 4, None, PrefillChunks({"b": 5}, extra_s=0.25))
+    assert set(res.new_tokens) == {"a"}
+    assert policy.contexts[-1].batch == 1 and policy.contexts[-1].prefill_extra_s == 0.25
+    assert policy.outcomes[-1].prefill_extra_s == 0.25
+    assert len(policy.outcomes[-1].context_lens) == 1
+    res = backend.step([a], policy, 4, None)  # b waits this step: no chunk, no extra
+    assert policy.contexts[-1].prefill_extra_s == 0.0 and res.stats.prefill_tokens == 0
+    # a step with only a prompt chunk: the policy is not consulted at all
+    n_ctx, n_out = len(policy.contexts), len(policy.outcomes)
+    res = backend.step([], policy, 4, None, PrefillChunks({"b": 8}, extra_s=0.1))
+    assert set(res.new_tokens) == {"b"} and res.stats.batch == 0 and res.stats.prefill_done == 1
+    assert (len(policy.contexts), len(policy.outcomes)) == (n_ctx, n_out)
+    assert res.new_tokens["b"] == reference_greedy(target, PROMPTS[2], 1)
+
+
+def test_chunked_prefill_membership_and_plan_errors(target: Any, drafts: dict[str, Any]) -> None:
+    backend = _backend(target, drafts["noisy"], max_batch=2)
+    a = SeqState("a", PROMPTS[0], SamplingParams())
+    backend.begin_prefill(a)
+    backend.begin_prefill(SeqState("b", PROMPTS[1], SamplingParams()))
+    with pytest.raises(RuntimeError, match="batch is full"):
+        backend.begin_prefill(SeqState("c", [5], SamplingParams()))
+    with pytest.raises(RuntimeError, match="batch is full"):
+        backend.add(SeqState("c", [5], SamplingParams()))
+    with pytest.raises(ValueError, match="already running"):
+        backend.begin_prefill(a)
+    with pytest.raises(ValueError, match=r"outside \[1, 7\]"):
+        backend.step([], OffPolicy(), 0, None, PrefillChunks({"a": 8}))
+    with pytest.raises(ValueError, match=r"outside \[1, 7\]"):
+        backend.step([], OffPolicy(), 0, None, PrefillChunks({"a": 0}))
+    with pytest.raises(KeyError, match="not running"):
+        backend.step([], OffPolicy(), 0, None, PrefillChunks({"zz": 1}))
+    backend.remove("b")  # an abort while prefilling frees both slots
+    assert backend.running == 1
+    assert backend.target.cache.free_slots == 1
+    assert backend.draft is not None and backend.draft.cache.free_slots == 1
+    with pytest.raises(ValueError, match="prompt_ids"):
+        backend.begin_prefill(SeqState("y", [5, 1000], SamplingParams()))
+    with pytest.raises(ValueError, match="prompt_ids"):
+        backend.begin_prefill(SeqState("y", list(range(3, 70)), SamplingParams()))
+    with pytest.raises(ValueError, match="temperature"):
+        backend.begin_prefill(SeqState("y", [5], SamplingParams(temperature=-1.0)))
+    assert backend.running == 1 and backend.target.cache.free_slots == 1  # refusals hold nothing
+    res = backend.step([], OffPolicy(), 0, None, PrefillChunks({"a": 7}))
+    assert res.new_tokens == {"a": reference_greedy(target, PROMPTS[0], 1)}
+    with pytest.raises(KeyError, match="decoding"):
+        backend.step([], OffPolicy(), 0, None, PrefillChunks({"a": 1}))

@@ -139,3 +139,36 @@ def test_kv_truncate_bounds() -> None:
     assert kv.length(s) == 2
     with pytest.raises(ValueError, match="exceed max_len"):
         kv.advance(s, 7)
+
+
+def test_packed_pass_of_very_different_lengths_matches_hf(model: Any) -> None:
+    """A prompt chunk riding along with one-token rows takes the packed path: same logits and
+    the same cache as each row alone."""
+    runner = ModelRunner(model, max_slots=5, max_len=96)
+    packed = runner._forward_packed
+    calls: list[list[int]] = []
+
+    def spy(*args: Any) -> list[torch.Tensor]:
+        calls.append(list(args[3]))
+        return packed(*args)
+
+    runner._forward_packed = spy  # type: ignore[method-assign]
+    seqs = [_seq(n, 40 + n) for n in (70, 12, 14, 40, 9)]
+    refs = [_hf_logits(model, s) for s in seqs]
+    slots = [runner.alloc() for _ in range(5)]
+    use = [slots[4], slots[1], slots[0], slots[3], slots[2]]
+    prefix = [10, 8, 11, 2, 5]
+    runner.forward(use, [s[:p] for s, p in zip(seqs, prefix, strict=True)], last_n=0)
+    # q lens 48, 1, 1, 27, 1: mostly padding if padded, so the pass is packed
+    steps = [48, 1, 1, 27, 1]
+    outs = runner.forward(use, [s[p : p + k] for s, p, k in zip(seqs, prefix, steps, strict=True)])
+    for o, r, p, k in zip(outs, refs, prefix, steps, strict=True):
+        torch.testing.assert_close(o, r[p : p + k], atol=TOL, rtol=0)
+    prefix = [p + k for p, k in zip(prefix, steps, strict=True)]
+    steps = [12, 1, 1, 1, 1]
+    outs = runner.forward(
+        use, [s[p : p + k] for s, p, k in zip(seqs, prefix, steps, strict=True)], last_n=2
+    )
+    for o, r, p, k in zip(outs, refs, prefix, steps, strict=True):
+        torch.testing.assert_close(o, r[p : p + k][-2:], atol=TOL, rtol=0)
+    assert calls == [[48, 1, 1, 27, 1], [12, 1, 1, 1, 1]]  # the prefill above was not packed

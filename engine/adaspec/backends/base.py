@@ -3,10 +3,17 @@
 The engine owns requests, queues and streaming; a backend owns model state (KV caches) and runs
 one speculative step for the running batch under a policy. The torch backend implements this on
 CPU/GPU with transformers models; a vLLM backend wraps vLLM's own engine instead.
+
+Chunked prefill (`ChunkedPrefillBackend`): admitting a request with `add` runs its whole prompt
+in a forward of its own between two steps, and every running request stalls for it. A backend
+that can instead feed prompt chunks along with a step's verification forward registers the
+request with `begin_prefill` and takes the chunk sizes (planned by the engine with
+`adaspec.policy.prefill.plan_prefill`) in `step`. `add` keeps its meaning for every backend.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -50,6 +57,10 @@ class StepStats:
     """None when the step was plain decoding chosen before any drafting."""
     spec_lens: list[int] = field(default_factory=list)
     """Verified draft tokens per request, in batch order."""
+    prefill_tokens: int = 0
+    """Prompt tokens prefilled in this step (chunked prefill; 0 otherwise)."""
+    prefill_done: int = 0
+    """Requests whose prefill finished in this step (their first token is in new_tokens)."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +69,17 @@ class StepResult:
     """Tokens emitted this step per sequence (≥ 1 each; may run past max_tokens/EOS —
     the engine truncates)."""
     stats: StepStats
+
+
+@dataclass(frozen=True)
+class PrefillChunks:
+    """Prompt chunks to feed in one step, from the engine's prefill plan."""
+
+    tokens: Mapping[str, int]
+    """seq_id → prompt tokens to prefill this step (≥ 1; requests absent from it wait)."""
+    extra_s: float = 0.0
+    """Predicted time the chunks add to the step (`PrefillPlan.extra_s`): the policy sees it as
+    `StepContext.prefill_extra_s` and drafts only what still fits the budget."""
 
 
 class Backend(Protocol):
@@ -84,3 +106,42 @@ class Backend(Protocol):
     def remove(self, seq_id: str) -> None:
         """Free the sequence's cache slots (finished, aborted or client gone)."""
         ...
+
+
+class ChunkedPrefillBackend(Backend, Protocol):
+    """A backend that prefills prompts in chunks riding along with the steps' forwards.
+
+    `begin_prefill` registers a request (slots allocated, input checked exactly as `add` does)
+    without running it; from then on the request is *prefilling*: it is not passed in `seqs`
+    and is invisible to the policy. `step(..., prefill=PrefillChunks)` feeds each listed
+    request's next chunk; on the step its last chunk is fed, its first generated token (sampled
+    from the last prompt position, as `add` would) appears in `StepResult.new_tokens` and it is
+    a decoding request from the next step on. A step may have no decoding rows at all.
+    """
+
+    chunked_prefill: bool
+    """True when `begin_prefill` and `step(prefill=...)` are available."""
+    has_draft: bool
+    """A plain step with prompt chunks still runs one draft forward over them (to keep the
+    draft cache complete): its fixed cost belongs in the plan's plain step time."""
+
+    def begin_prefill(self, seq: SeqState) -> None:
+        """Register `seq` for chunked prefill of its prompt (+ any output so far)."""
+        ...
+
+    def step(
+        self,
+        seqs: list[SeqState],
+        policy: SpecPolicy,
+        max_draft: int,
+        budget_s: float | None,
+        prefill: PrefillChunks | None = None,
+    ) -> StepResult:
+        """`Backend.step` for the decoding `seqs`, plus the prompt chunks in `prefill`."""
+        ...
+
+
+def supports_chunked_prefill(backend: Backend) -> bool:
+    """Whether `backend` implements `ChunkedPrefillBackend` (the scripted and vLLM backends
+    do not: they keep whole-prompt admission)."""
+    return bool(getattr(backend, "chunked_prefill", False))

@@ -20,6 +20,18 @@ control: a draft pass is admitted only if it lowers the predicted worst time per
 max_i T / E_i. At batch 1 that is exactly "speculate when it lowers TPOT"; in a large batch it
 stops drafting that would slow down the requests that do not draft.
 
+*Prompt chunks* (chunked prefill, policy/prefill.py) ride along with the step: their predicted
+cost `ctx.prefill_extra_s` (from the profile's model; the policy applies its own verification
+bias to it, as StepTimePredictor does to every prefill prediction) is part of T wherever T
+is held against the budget (drafter, verifier, guard, the infeasibility check) and in the
+prediction kept for the bias correction, so a step carrying a large chunk drafts less or is
+flagged infeasible. It is *not* part of the goodput the drafter and verifier maximise: the prompt
+costs the same however much is drafted, and amortising it over more drafts only lengthens the
+step and slows admission (the simulator showed 2.6× TTFT P90 at saturation when it was). A step
+with chunks that does not draft at all also pays one draft forward's fixed cost to put the
+chunks into the draft cache (drafting pays it in its first pass anyway), so plain decoding is
+charged that too.
+
 Everything is vectorised over the batch (O(B·K) numpy work per call, no Python loop over
 requests) so the decision stays far below a step's duration.
 """
@@ -161,9 +173,24 @@ class AdaSpecPolicy:
 
     def _set_budget(self, st: _StepState, ctx: StepContext) -> None:
         st.budget = ctx.budget_s if ctx.batch else None
-        st.infeasible = (
-            st.budget is not None and self.predicted_plain_step_s(ctx.context_lens) > st.budget
-        )
+        st.infeasible = st.budget is not None and self.plain_step_s(ctx) > st.budget
+
+    def _prefill_s(self, ctx: StepContext) -> float:
+        """The chunks' share of the step's forwards, bias-corrected like every prediction."""
+        return ctx.prefill_extra_s * self.times.verify_scale
+
+    def _plain_prefill_s(self, ctx: StepContext) -> float:
+        """What the step's prompt chunks cost if nobody drafts: their share of the forwards plus
+        the draft forward of their own they then need (only a backend with a draft model, i.e.
+        max_draft > 0, runs it)."""
+        extra = self._prefill_s(ctx)
+        if extra > 0.0 and ctx.max_draft > 0:
+            return extra + self.times.draft_forward_fixed_s
+        return extra
+
+    def plain_step_s(self, ctx: StepContext) -> float:
+        """Predicted time of the step if nobody drafts (prompt chunks included)."""
+        return self.predicted_plain_step_s(ctx.context_lens) + self._plain_prefill_s(ctx)
 
     def _step_state(
         self, ctx: StepContext, conf: FloatArray, lens: IntArray, drafted: BoolArray
@@ -211,7 +238,13 @@ class AdaSpecPolicy:
         cand = (np.ones(b, dtype=np.bool_) if _first else drafting) & (lens < ctx.max_draft)
         if not cand.any():
             return out
-        t_cur = st.draft_s + self.times.verify(b, st.s_sum + b, st.work)
+        # Goodput is judged on the decoding work alone: the chunks cost the same whatever is
+        # drafted (the prompt must be prefilled once), so amortising them over more drafts
+        # would only lengthen the step and slow admission. The guard (below) counts them.
+        extra = self._prefill_s(ctx)
+        base = st.draft_s + self.times.verify(b, st.s_sum + b, st.work)
+        # before the first pass, stopping here means the chunks need a draft forward of their own
+        t_cur = base + (self._plain_prefill_s(ctx) - extra if st.s_sum == 0 else 0.0)
         a_cur = float(st.E.sum())
         g_cur = a_cur / t_cur
 
@@ -230,7 +263,7 @@ class AdaSpecPolicy:
 
         m = np.arange(1.0, idx.shape[0] + 1.0)
         pos = np.cumsum(st.L[idx] + lens[idx])  # context of the tokens drafted / verified next
-        t_m = t_cur + self.times.draft_and_verify_increment(m, pos)
+        t_m = base + self.times.draft_and_verify_increment(m, pos)
         g_m = (a_cur + np.cumsum(gain)) / t_m
         best_any = int(np.argmax(g_m))
         if g_m[best_any] <= g_cur * (1.0 + 1e-9):
@@ -246,7 +279,7 @@ class AdaSpecPolicy:
             suffix = np.minimum.accumulate(st.E[idx][::-1])[::-1]
             rest_min = np.append(suffix[1:], np.inf)
             min_e = np.minimum(np.minimum(chosen_min, rest_min), fixed_min)
-            ok = (t_m / min_e < t_cur / e_cur) & (g_m > g_cur * (1.0 + 1e-9))
+            ok = ((t_m + extra) / min_e < (t_cur + extra) / e_cur) & (g_m > g_cur * (1.0 + 1e-9))
             if not ok.any():
                 return out
             best = int(np.argmax(np.where(ok, g_m, -np.inf)))
@@ -256,7 +289,7 @@ class AdaSpecPolicy:
             # *predicted* value could leave a step whose sunk draft time already breaks the
             # budget. With E counted before the pass, verifying everything drafted stays
             # admissible after the pass (E only grows), so the guard holds at verification.
-            ok = (t_m <= budget * float(st.E.min())) & (g_m > g_cur * (1.0 + 1e-9))
+            ok = (t_m + extra <= budget * float(st.E.min())) & (g_m > g_cur * (1.0 + 1e-9))
             if not ok.any():
                 self._refusals += best_any + 1
                 return out
@@ -273,9 +306,11 @@ class AdaSpecPolicy:
         b = ctx.batch
         lens = lens.astype(np.int64)
         L = ctx.context_lens.astype(np.float64)
-        t_plain = self.times.verify(b, float(b), float(L.sum())) if b else 0.0
+        t_plain = self.times.verify(b, float(b), float(L.sum())) + self._plain_prefill_s(ctx)
+        t_plain = t_plain if b else 0.0
         infeasible = ctx.budget_s is not None and t_plain > ctx.budget_s
         budget = ctx.budget_s
+        extra = self._prefill_s(ctx)
         if b == 0 or int(lens.sum()) == 0:
             return self._decide(
                 VerifyDecision(
@@ -294,6 +329,7 @@ class AdaSpecPolicy:
         k = conf.shape[1]
         mask = np.arange(k)[None, :] < lens[:, None]
         P = st.P[:, :k] * mask
+        # goodput on the decoding work alone (see keep_drafting); the guard adds the chunks
         t_full = st.draft_s + self.times.verify(b, st.s_sum + b, st.work)
         a_full = float(st.E.sum())
 
@@ -319,18 +355,18 @@ class AdaSpecPolicy:
         cut = drop.sum(axis=1)
         new_lens = lens - cut
         expected = 1.0 + (P * ~drop).sum(axis=1)
-        if budget is None or (not infeasible and t_r <= budget * float(expected.min())):
+        if budget is None or (not infeasible and t_r + extra <= budget * float(expected.min())):
             return self._decide(
                 VerifyDecision(
                     lens=new_lens,
-                    predicted_step_s=t_r,
+                    predicted_step_s=t_r + extra,
                     expected_tokens=expected,
                     pruned=int(cut.sum()),
                     guard_refusals=self._refusals,
                     infeasible=bool(infeasible),
                 ),
                 st.draft_s,
-                t_r - st.draft_s,
+                t_r + extra - st.draft_s,
             )
         return self._verify_scan(ctx, None if infeasible else budget, lens, L, P, st)
 
@@ -359,7 +395,8 @@ class AdaSpecPolicy:
         t_r = st.draft_s + self.times.verify_vec(
             b, float(s0.sum()) + b - removed_tok, st.work - removed_work
         )
-        g_r = a_r / t_r
+        g_r = a_r / t_r  # goodput on the decoding work alone (see keep_drafting)
+        t_r = t_r + self._prefill_s(ctx)  # what the step takes: the guard's time
         # E of the request just cut back to length j is 1 + Σ_{j'<j} P; E only falls
         prefix_e = 1.0 + np.cumsum(P, axis=1) - P
         e0 = float(st.E.min())
@@ -419,7 +456,18 @@ class AdaSpecPolicy:
                 pred_draft = float(self.times.draft_passes(rows, ctx_work).sum())
             s = outcome.verified_lens.astype(np.float64)
             pred_verify = self.times.verify(b, float(s.sum()) + b, _verify_ctx_work(L, s))
+            pred_verify += outcome.prefill_extra_s * self.times.verify_scale
+            if outcome.prefill_extra_s > 0.0 and k == 0 and conf.shape[1] > 0:
+                pred_verify += self.times.draft_forward_fixed_s  # the chunks' own draft forward
         self._predicted = None
+        if outcome.prefill_extra_s > 0.0:
+            # The chunks' cost is split between draft pass 0 and the verification in a way the
+            # combined prefill model cannot separate. Take the draft passes as predicted (their
+            # bias is learnt on steps without chunks) and correct the verification bias (which
+            # also scales the prefill model) from the rest of the step.
+            observed = outcome.draft_time_s + outcome.verify_time_s
+            self.times.observe(0.0, 0.0, pred_verify, observed - pred_draft)
+            return
         self.times.observe(pred_draft, outcome.draft_time_s, pred_verify, outcome.verify_time_s)
 
     def predicted_plain_step_s(self, context_lens: IntArray) -> float:

@@ -40,7 +40,8 @@ class StepContext:
     budget_s: float | None = None
     """TPOT budget (seconds per emitted token) the SLO guard enforces; None disables it."""
     prefill_extra_s: float = 0.0
-    """Predicted time prompt chunks add to this step's verification (policy/prefill.py); the
+    """Predicted time prompt chunks add to this step's verification (policy/prefill.py), from
+    the profile's time model without online bias correction (a policy applies its own); the
     SLO guard must count it in every step-time prediction."""
 
     @property
@@ -82,6 +83,9 @@ class StepOutcome:
     """(B,) draft tokens each request drafted (before pruning); empty means = verified_lens."""
     draft_time_s: float = 0.0
     verify_time_s: float = 0.0
+    prefill_extra_s: float = 0.0
+    """The step's `StepContext.prefill_extra_s`: prompt chunks rode along with its forwards
+    (draft pass 0 and verification), so their measured time is in both phases."""
 
 
 class SpecPolicy(Protocol):

@@ -14,6 +14,7 @@ Pure: numpy and the time model only; the torch backend and the simulator share i
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -54,20 +55,17 @@ def plan_prefill(
     """Chunks for the prefilling requests (FIFO) this step.
 
     `remaining[i]` / `done[i]`: prompt tokens request i still has to prefill / has prefilled.
-    `plain_step_s`: predicted verification time of the decoding rows with no drafts.
+    `plain_step_s`: predicted time of the step when the decoding rows decode plainly (the
+    engine adds the fixed cost of the draft forward such a step runs over the chunks,
+    `StepTimePredictor.draft_forward_fixed_s`, when the backend has a draft model).
     With no decoding rows nobody waits, so prompts get `max_chunk` tokens; with no budget the
     chunk is `max_chunk` too (chunking alone already bounds the stall).
     """
-    if len(remaining) != len(done):
-        raise ValueError("remaining and done must have the same length")
-    if max_chunk < 1 or not 1 <= min_chunk <= max_chunk:
-        raise ValueError(f"need 1 <= min_chunk <= max_chunk, got {min_chunk}, {max_chunk}")
+    _check_args(remaining, done, decode_rows, plain_step_s, budget_s, max_chunk, min_chunk)
     chunks: list[int] = []
     extra = 0.0
     left = max_chunk
-    allowance = (
-        float("inf") if decode_rows == 0 or budget_s is None else budget_s - plain_step_s
-    )
+    allowance = float("inf") if decode_rows == 0 or budget_s is None else budget_s - plain_step_s
     for rem, d in zip(remaining, done, strict=True):
         rem = max(0, int(rem))
         n = min(rem, left)
@@ -82,6 +80,36 @@ def plan_prefill(
             allowance -= cost
             left -= n
     return PrefillPlan(tuple(chunks), extra)
+
+
+def _check_args(
+    remaining: Sequence[int],
+    done: Sequence[int],
+    decode_rows: int,
+    plain_step_s: float,
+    budget_s: float | None,
+    max_chunk: int,
+    min_chunk: int,
+) -> None:
+    """Bad input is a caller's bug: say which argument, never plan around it silently."""
+    if len(remaining) != len(done):
+        raise ValueError(
+            f"remaining and done must have the same length, got {len(remaining)} and {len(done)}"
+        )
+    if any(int(r) < 0 for r in remaining):
+        raise ValueError(f"remaining must be >= 0 per request, got {list(remaining)}")
+    if any(int(d) < 0 for d in done):
+        raise ValueError(f"done must be >= 0 per request, got {list(done)}")
+    if decode_rows < 0:
+        raise ValueError(f"decode_rows must be >= 0, got {decode_rows}")
+    if not (math.isfinite(plain_step_s) and plain_step_s >= 0.0):
+        raise ValueError(f"plain_step_s must be a finite time >= 0, got {plain_step_s}")
+    if budget_s is not None and not (math.isfinite(budget_s) and budget_s > 0.0):
+        raise ValueError(f"budget_s must be None or a finite time > 0, got {budget_s}")
+    if max_chunk < 1:
+        raise ValueError(f"max_chunk must be >= 1, got {max_chunk}")
+    if not 1 <= min_chunk <= max_chunk:
+        raise ValueError(f"min_chunk must be within [1, max_chunk={max_chunk}], got {min_chunk}")
 
 
 def _largest_fitting(times: StepTimePredictor, done: int, upto: int, allowance: float) -> int:

@@ -18,13 +18,16 @@ from adaspec.policy.base import FloatArray
 def default_cpu_time_model() -> TimeModel:
     """Prior for the default CPU pair when no profile is given (MODELS.md: 2 cores, bf16).
 
-    Draft 1 token ≈ 105 ms, target 1 token ≈ 260 ms, target 5 tokens ≈ 265 ms.
+    Draft 1 token ≈ 105 ms, target 1 token ≈ 260 ms, target 5 tokens ≈ 265 ms; a prompt costs
+    about 2.5 ms per token on top (target + draft), 100× the verification slope.
     """
     return TimeModel(
         draft=StepTimeModel(intercept_ms=95.0, per_row_ms=8.0, per_ctx_ktoken_ms=4.0),
         verify=StepTimeModel(
             intercept_ms=235.0, per_row_ms=10.0, per_token_ms=3.0, per_ctx_ktoken_ms=6.0
         ),
+        # target + draft over prompt tokens: the profiler's fit on the pair (2 cores, shared)
+        prefill=StepTimeModel(intercept_ms=240.0, per_token_ms=2.5, per_ctx_ktoken_ms=0.2),
     )
 
 
@@ -115,6 +118,13 @@ class StepTimePredictor:
         p = self._prefill
         out: FloatArray = self.verify_scale * (p.cr + p.ct * tokens + p.cc * ctx_work)
         return out
+
+    @property
+    def draft_forward_fixed_s(self) -> float:
+        """Fixed cost of one draft forward (its intercept). A step with prompt chunks that does
+        not draft still runs one draft forward over the chunks and pays this on top of
+        `prefill_extra`, which assumes the chunks ride along with a forward that runs anyway."""
+        return self.draft_scale * self._draft.c0
 
     @property
     def prefill_per_token_s(self) -> float:

@@ -1,5 +1,5 @@
-"""`adaspec profile`: time draft and verification steps, fit the time model, calibrate acceptance,
-and write the Profile JSON (DESIGN §3).
+"""`adaspec profile`: time draft and verification steps and prefill passes, fit the time model,
+calibrate acceptance, and write the Profile JSON (DESIGN §3).
 
 Progress goes to stderr. `--print-json` prints the compact Profile as the last stdout line, and
 `--termination-log` writes it to the pod's terminationMessagePath: the operator reads it from
@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -57,6 +58,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--context-lengths", help="comma-separated KV context lengths")
     parser.add_argument(
         "--max-step-tokens", type=int, help="skip verification points with batch·tokens above this"
+    )
+    parser.add_argument(
+        "--prefill-tokens",
+        help="comma-separated prompt-chunk sizes of the prefill points, e.g. 16,96,256,512",
+    )
+    parser.add_argument(
+        "--prefill-offsets",
+        help="comma-separated prompt tokens already cached before a prefill chunk, e.g. 0,768",
+    )
+    parser.add_argument(
+        "--skip-prefill",
+        action="store_true",
+        help="do not time prefill passes (no timeModel.prefill: the engine then prices prompts "
+        "with the verification model, which underestimates them on CPU)",
     )
     parser.add_argument("--repeats", type=int, help="timed runs per grid point (fastest is kept)")
     parser.add_argument("--warmup", type=int, help="untimed runs before each timing phase")
@@ -104,6 +119,15 @@ def grid_from_args(args: argparse.Namespace) -> Grid:
             grid = replace(
                 grid, context_lengths=parse_int_list(args.context_lengths, "--context-lengths")
             )
+        if args.prefill_tokens:
+            grid = replace(
+                grid, prefill_tokens=parse_int_list(args.prefill_tokens, "--prefill-tokens")
+            )
+        if args.prefill_offsets:
+            grid = replace(
+                grid,
+                prefill_offsets=parse_int_list(args.prefill_offsets, "--prefill-offsets", 0),
+            )
     except ValueError as e:
         raise ProfileArgError(str(e)) from None
     _positive(args.max_step_tokens, "--max-step-tokens")
@@ -125,6 +149,13 @@ def grid_from_args(args: argparse.Namespace) -> Grid:
         raise ProfileArgError(
             "the grid has fewer than 6 verification points within --max-step-tokens; "
             "add values to the axes or raise --max-step-tokens"
+        )
+    if args.skip_prefill:
+        grid = replace(grid, prefill_tokens=(), prefill_pair_tokens=())
+    elif len(grid.prefill_points()) < 6:
+        raise ProfileArgError(
+            "the grid has fewer than 6 prefill points (--prefill-tokens × --prefill-offsets "
+            "plus the two-chunk points); add values to them or use --skip-prefill"
         )
     return grid
 
@@ -181,7 +212,12 @@ def _profile(args: argparse.Namespace, grid: Grid) -> Profile:
     from adaspec.models import RichProgress, model_sha256, resolve_model
     from adaspec.profile.calibration import calibrate
     from adaspec.profile.fit import fit_step_time
-    from adaspec.profile.measure import measure_acceptance, time_grid
+    from adaspec.profile.measure import (
+        measure_acceptance,
+        retime_slow_prefill_points,
+        time_grid,
+        time_prefill_grid,
+    )
     from adaspec.profile.prompts import encode_prompts
 
     console = Console(stderr=True)
@@ -216,6 +252,7 @@ def _profile(args: argparse.Namespace, grid: Grid) -> Profile:
 
     d_points = grid.draft_points()
     v_points = grid.verify_points()
+    p_points = grid.prefill_points()
     bar = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -236,6 +273,30 @@ def _profile(args: argparse.Namespace, grid: Grid) -> Profile:
         )
         d_samples = _refine(bar, draft, d_points, d_samples, grid.repeats, "draft")
         v_samples = _refine(bar, target, v_points, v_samples, grid.repeats, "verification")
+        p_samples: list[StepSample] = []
+        if p_points:
+            sizes = sorted({p.n for p in p_points})
+            bar.console.print(
+                f"timing {len(p_points)} prefill points (target + draft over prompt chunks of "
+                f"{sizes[0]}–{sizes[-1]} tokens) × {grid.prefill_repeats} runs"
+            )
+            task = bar.add_task("time prefill passes", total=len(p_points))
+            p_samples = time_prefill_grid(
+                target,
+                draft,
+                p_points,
+                min(grid.warmup, 1),
+                grid.prefill_repeats,
+                lambda n: bar.advance(task, n),
+            )
+            p_samples = _refine_with(
+                bar,
+                p_samples,
+                "prefill",
+                lambda predicted, tick: retime_slow_prefill_points(
+                    target, draft, p_points, p_samples, predicted, grid.prefill_repeats, tick=tick
+                ),
+            )
         calib = None
         if not args.skip_calibration:
             bar.console.print(f"calibrating on {len(prompts)} prompts × {calib_tokens} tokens")
@@ -253,11 +314,12 @@ def _profile(args: argparse.Namespace, grid: Grid) -> Profile:
     try:
         draft_fit = fit_step_time(d_samples)
         verify_fit = fit_step_time(v_samples)
+        prefill_fit = fit_step_time(p_samples) if p_samples else None
         if args.samples_out is not None:
-            _write_samples(
-                args.samples_out,
-                {"draft": (d_samples, draft_fit), "verify": (v_samples, verify_fit)},
-            )
+            kinds = {"draft": (d_samples, draft_fit), "verify": (v_samples, verify_fit)}
+            if prefill_fit is not None:
+                kinds["prefill"] = (p_samples, prefill_fit)
+            _write_samples(args.samples_out, kinds)
     except ValueError as e:
         raise ProfileError(f"cannot fit the time model: {e}") from None
     if calib is None:
@@ -269,7 +331,7 @@ def _profile(args: argparse.Namespace, grid: Grid) -> Profile:
         hardware=Hardware(device="cpu", threads=torch.get_num_threads(), backend="torch"),
         target=ModelIdentity(name=args.target, sha256=model_sha256(target_dir)),
         draft=ModelIdentity(name=args.draft, sha256=model_sha256(draft_dir)),
-        time_model=TimeModel(draft=draft_fit, verify=verify_fit),
+        time_model=TimeModel(draft=draft_fit, verify=verify_fit, prefill=prefill_fit),
         calibration=calib,
     )
     _summary(console, profile, time.monotonic() - started)
@@ -311,14 +373,30 @@ def _refine(
     label: str,
 ) -> list[StepSample]:
     """Measure again the points a first fit says were slowed down by other load."""
-    from adaspec.profile.fit import features, fit_coefficients
     from adaspec.profile.measure import retime_slow_points
+
+    return _refine_with(
+        bar,
+        samples,
+        label,
+        lambda predicted, tick: retime_slow_points(
+            runner, points, samples, predicted, repeats, tick=tick
+        ),
+    )
+
+
+def _refine_with(
+    bar: Any,
+    samples: list[StepSample],
+    label: str,
+    retime: Callable[[list[float], Callable[[int], None]], tuple[list[StepSample], int]],
+) -> list[StepSample]:
+    """`retime(predicted, tick)` measures again the points slower than a first fit predicts."""
+    from adaspec.profile.fit import features, fit_coefficients
 
     predicted = (features(samples) @ fit_coefficients(samples)).tolist()
     task = bar.add_task(f"re-time slow {label} points", total=None)
-    out, n = retime_slow_points(
-        runner, points, samples, predicted, repeats, tick=lambda k: bar.advance(task, k)
-    )
+    out, n = retime(predicted, lambda k: bar.advance(task, k))
     bar.update(task, total=n, completed=n)
     return out
 
@@ -346,7 +424,10 @@ def _write_samples(path: Path, kinds: dict[str, tuple[list[StepSample], StepTime
 
 def _summary(console: Any, profile: Profile, elapsed_s: float) -> None:
     tm = profile.time_model
-    for name, m in (("draft", tm.draft), ("verify", tm.verify)):
+    kinds = [("draft", tm.draft), ("verify", tm.verify)]
+    if tm.prefill is not None:
+        kinds.append(("prefill", tm.prefill))
+    for name, m in kinds:
         fit = m.fit
         quality = f"R² {fit.r2:.3f}, MAPE {fit.mape:.1%} on {fit.n_test} held-out" if fit else ""
         console.print(

@@ -26,6 +26,10 @@ class StepSample:
     q_lens: tuple[int, ...]
     ctx_lens: tuple[int, ...]
     time_ms: float
+    ctx_work: float | None = None
+    """Attention work in tokens when it is not Σ q·ctx: a prompt chunk also attends causally
+    to itself, Σ n·offset + n(n+1)/2 (adaspec.policy.prefill.chunk_ctx_work), which for a
+    512-token chunk dwarfs what it reads from the cache."""
 
     @property
     def rows(self) -> int:
@@ -37,6 +41,8 @@ class StepSample:
 
     @property
     def ctx_ktokens(self) -> float:
+        if self.ctx_work is not None:
+            return self.ctx_work / 1000.0
         return sum(q * c for q, c in zip(self.q_lens, self.ctx_lens, strict=True)) / 1000.0
 
 

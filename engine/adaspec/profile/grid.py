@@ -20,6 +20,20 @@ class GridPoint:
 
 
 @dataclass(frozen=True)
+class PrefillPoint:
+    """`batch` rows each get a prompt chunk of `n` tokens on top of `offset` cached prompt
+    tokens, fed through the target and then the draft (what prefilling a prompt costs)."""
+
+    batch: int
+    n: int
+    offset: int
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.n
+
+
+@dataclass(frozen=True)
 class Grid:
     batch_sizes: tuple[int, ...]
     verify_tokens: tuple[int, ...]
@@ -31,6 +45,18 @@ class Grid:
     """Untimed forwards at the start of each timing phase (first-call allocations, caches)."""
     repeats: int
     """Timed forwards per point; the fastest is kept."""
+    prefill_tokens: tuple[int, ...] = ()
+    """Chunk sizes of the one-chunk prefill points (each at every offset); () skips prefill.
+    A prefill is compute-bound: its per-token cost is ~100× a verification's on CPU, so it
+    needs points of its own, spanning the chunk sizes the engine feeds (up to 512)."""
+    prefill_offsets: tuple[int, ...] = (0,)
+    """Prompt tokens already cached before the chunk (0: the first chunk of a prompt)."""
+    prefill_pair_tokens: tuple[int, ...] = ()
+    """Chunk sizes of two-chunk points (two prompts prefilled in one pass), taking the offsets
+    in turn: they separate the per-chunk cost from the pass's fixed cost."""
+    prefill_repeats: int = 2
+    """Timed passes per prefill point (fastest kept). Fewer than the step grid's: a pass takes
+    0.3–2 s on CPU, long enough that scheduler noise averages out within it."""
 
     def draft_points(self) -> list[GridPoint]:
         return [
@@ -46,13 +72,29 @@ class Grid:
             if b * q <= self.max_step_tokens
         ]
 
+    def prefill_points(self) -> list[PrefillPoint]:
+        if not self.prefill_tokens:
+            return []
+        ones = [
+            PrefillPoint(1, n, d)
+            for n, d in itertools.product(self.prefill_tokens, self.prefill_offsets)
+        ]
+        offsets = self.prefill_offsets
+        pairs = [
+            PrefillPoint(2, n, offsets[i % len(offsets)])
+            for i, n in enumerate(self.prefill_pair_tokens)
+        ]
+        return ones + pairs
+
     @property
     def max_context(self) -> int:
-        return max(self.context_lengths) + max(self.verify_tokens)
+        steps = max(self.context_lengths) + max(self.verify_tokens)
+        prefill = [p.offset + p.n for p in self.prefill_points()]
+        return max([steps, *prefill])
 
     @property
     def max_batch(self) -> int:
-        return max(self.batch_sizes)
+        return max([*self.batch_sizes, *(p.batch for p in self.prefill_points())])
 
 
 DEFAULT_GRID = Grid(
@@ -62,6 +104,10 @@ DEFAULT_GRID = Grid(
     max_step_tokens=24,
     warmup=2,
     repeats=3,
+    # 10 prefill points, ~2,100 prompt tokens per round: ~9 s per round on the 2-core CPU pair.
+    prefill_tokens=(16, 96, 256, 512),
+    prefill_offsets=(0, 768),
+    prefill_pair_tokens=(32, 128),
 )
 
 QUICK_GRID = Grid(
@@ -71,6 +117,9 @@ QUICK_GRID = Grid(
     max_step_tokens=8,
     warmup=1,
     repeats=2,
+    prefill_tokens=(8, 32, 96),
+    prefill_offsets=(0, 64),
+    prefill_pair_tokens=(16,),
 )
 
 

@@ -3,6 +3,8 @@
 Timing: the cost of a forward pass depends on how many tokens sit in each row's KV cache, not on
 what they are, so each point sets the slot lengths directly (no prefill) and times
 `ModelRunner.forward` with the point's batch and query length, then rolls the slots back.
+Prefill points time what an admission runs (adaspec.backends.torch.backend.add): the target
+over the prompt chunk (logits of its last token only) and then the draft over it (no logits).
 
 Acceptance: greedy speculative decoding of a fixed prompt set, drafting a fixed number of tokens
 per step and verifying them in one target pass; each drafted token up to and including the first
@@ -20,7 +22,7 @@ import torch
 
 from adaspec.backends.torch.runner import ModelRunner
 from adaspec.profile.fit import StepSample
-from adaspec.profile.grid import GridPoint
+from adaspec.profile.grid import GridPoint, PrefillPoint
 
 Tick = Callable[[int], None]
 """Progress callback: called with the number of units just completed."""
@@ -109,6 +111,20 @@ def retime_slow_points(
     (the fit is unchanged for well-measured points) removes most of them without discarding
     any data. Returns the samples and how many points were measured again.
     """
+    return _retime(
+        samples,
+        predicted,
+        threshold,
+        lambda slow: time_grid(runner, [points[i] for i in slow], 0, repeats, tick, seed),
+    )
+
+
+def _retime(
+    samples: Sequence[StepSample],
+    predicted: Sequence[float],
+    threshold: float,
+    measure: Callable[[list[int]], list[StepSample]],
+) -> tuple[list[StepSample], int]:
     slow = [
         i
         for i, (s, p) in enumerate(zip(samples, predicted, strict=True))
@@ -116,12 +132,112 @@ def retime_slow_points(
     ]
     if not slow:
         return list(samples), 0
-    again = time_grid(runner, [points[i] for i in slow], 0, repeats, tick, seed)
+    again = measure(slow)
     out = list(samples)
     for i, s in zip(slow, again, strict=True):
         if s.time_ms < out[i].time_ms:
             out[i] = s
     return out, len(slow)
+
+
+def chunk_work(point: PrefillPoint) -> float:
+    """Attention work of the point's chunks: each token attends to the cached prefix and to
+    the chunk up to itself (adaspec.policy.prefill.chunk_ctx_work, summed over the rows)."""
+    n, d = point.n, point.offset
+    return point.batch * (float(n) * d + n * (n + 1) / 2.0)
+
+
+def time_prefill_point(
+    target: ModelRunner,
+    draft: ModelRunner,
+    t_slots: Sequence[int],
+    d_slots: Sequence[int],
+    point: PrefillPoint,
+    repeats: int,
+    generator: torch.Generator,
+) -> StepSample:
+    """Fastest of `repeats` target-then-draft passes over the point's chunks, in ms."""
+    ts, ds = list(t_slots[: point.batch]), list(d_slots[: point.batch])
+    times = []
+    vocab = min(target.vocab_size, draft.vocab_size)
+    for _ in range(repeats):
+        chunks = torch.randint(0, vocab, (point.batch, point.n), generator=generator).tolist()
+        for runner, slots in ((target, ts), (draft, ds)):
+            for s in slots:
+                runner.truncate(s, 0)
+                runner.cache.advance(s, point.offset)
+        start = time.perf_counter()
+        target.forward(ts, chunks, last_n=1)
+        draft.forward(ds, chunks, last_n=0)
+        times.append((time.perf_counter() - start) * 1000.0)
+    for runner, slots in ((target, ts), (draft, ds)):
+        for s in slots:
+            runner.truncate(s, 0)
+    return StepSample(
+        q_lens=(point.n,) * point.batch,
+        ctx_lens=(point.offset,) * point.batch,
+        time_ms=min(times),
+        ctx_work=chunk_work(point),
+    )
+
+
+def time_prefill_grid(
+    target: ModelRunner,
+    draft: ModelRunner,
+    points: Sequence[PrefillPoint],
+    warmup: int,
+    repeats: int,
+    tick: Tick = _noop,
+    seed: int = 0,
+) -> list[StepSample]:
+    """Time every prefill point (shuffled, like time_grid). The warm-up runs at the smallest
+    point: a pass at the largest costs seconds on CPU, and a slow first pass of a new size
+    (allocations) is already discarded by keeping the fastest of the repeats."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if not points:
+        return []
+    batch = max(p.batch for p in points)
+    t_slots = [target.alloc() for _ in range(batch)]
+    d_slots = [draft.alloc() for _ in range(batch)]
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(points), generator=gen).tolist()
+    out: dict[int, StepSample] = {}
+    try:
+        if warmup > 0:
+            smallest = min(points, key=lambda p: (p.tokens, p.offset))
+            time_prefill_point(target, draft, t_slots, d_slots, smallest, warmup, gen)
+        for i in order:
+            out[i] = time_prefill_point(target, draft, t_slots, d_slots, points[i], repeats, gen)
+            tick(1)
+        return [out[i] for i in range(len(points))]
+    finally:
+        for s in t_slots:
+            target.free(s)
+        for s in d_slots:
+            draft.free(s)
+
+
+def retime_slow_prefill_points(
+    target: ModelRunner,
+    draft: ModelRunner,
+    points: Sequence[PrefillPoint],
+    samples: Sequence[StepSample],
+    predicted: Sequence[float],
+    repeats: int,
+    threshold: float = 1.25,
+    tick: Tick = _noop,
+    seed: int = 1,
+) -> tuple[list[StepSample], int]:
+    """retime_slow_points for prefill points."""
+    return _retime(
+        samples,
+        predicted,
+        threshold,
+        lambda slow: time_prefill_grid(
+            target, draft, [points[i] for i in slow], 0, repeats, tick, seed
+        ),
+    )
 
 
 @dataclass

@@ -5,6 +5,10 @@ TPOT SLO 500 ms — plain decoding of the built-in 1.5B target takes ≈ 250 ms/
 cores —, budget = SLO, at most 8 draft tokens, fixed K = 3). With `--policy-file` the same flags
 are only the fallback used until the file is valid; the file is re-read every second and applied
 without restart (see adaspec.policy_source). Logs go to stderr.
+
+Chunked prefill (torch backend) is on by default: a new prompt is fed over the next steps in
+chunks of at most `--prefill-chunk-tokens`, sized so a step still fits the live policy's TPOT
+budget, instead of stalling every running request while it is prefilled whole.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Any, cast
 
 from adaspec.contract import MAX_DRAFT_TOKENS_LIMIT, ContractError, Profile, load_profile
 from adaspec.policy.factory import OVERRIDES
+from adaspec.policy.prefill import DEFAULT_MAX_CHUNK, DEFAULT_MIN_CHUNK
 from adaspec.policy_source import (
     DEFAULT_FIXED_DRAFT,
     DEFAULT_MAX_DRAFT,
@@ -82,6 +87,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--max-model-len", type=int, default=2048, help="prompt + output tokens (default: 2048)"
     )
     s.add_argument(
+        "--prefill-chunk-tokens",
+        type=int,
+        default=DEFAULT_MAX_CHUNK,
+        help="torch backend: most prompt tokens prefilled per step, riding along with the "
+        "decoding step and sized to fit the TPOT budget (chunked prefill); 0 prefills each "
+        f"prompt whole between steps (default: {DEFAULT_MAX_CHUNK})",
+    )
+    s.add_argument(
+        "--prefill-min-chunk",
+        type=int,
+        help="prompt tokens the oldest prefilling request gets per step even when the budget "
+        f"leaves no room (default: {DEFAULT_MIN_CHUNK}, or --prefill-chunk-tokens if smaller)",
+    )
+    s.add_argument(
         "--drain-timeout",
         type=float,
         default=30.0,
@@ -135,6 +154,19 @@ def check_args(args: argparse.Namespace) -> str | None:
     ):
         if not 0 <= value <= MAX_DRAFT_TOKENS_LIMIT:
             return f"{flag} must be within [0, {MAX_DRAFT_TOKENS_LIMIT}], got {value}"
+    if args.prefill_chunk_tokens < 0:
+        return (
+            f"--prefill-chunk-tokens must be >= 0 (0: whole-prompt prefill), "
+            f"got {args.prefill_chunk_tokens}"
+        )
+    if args.prefill_min_chunk is not None:
+        if args.prefill_min_chunk < 1:
+            return f"--prefill-min-chunk must be >= 1, got {args.prefill_min_chunk}"
+        if 0 < args.prefill_chunk_tokens < args.prefill_min_chunk:
+            return (
+                f"--prefill-min-chunk ({args.prefill_min_chunk}) must not exceed "
+                f"--prefill-chunk-tokens ({args.prefill_chunk_tokens})"
+            )
     if args.tpot_slo_ms <= 0 or (args.tpot_budget_ms is not None and args.tpot_budget_ms <= 0):
         return "--tpot-slo-ms and --tpot-budget-ms must be > 0"
     if args.tensor_parallel_size < 1:
@@ -142,6 +174,13 @@ def check_args(args: argparse.Namespace) -> str | None:
     if args.backend != "vllm" and (args.tensor_parallel_size != 1 or args.vllm_config_only):
         return "--tensor-parallel-size and --vllm-config-only need --backend vllm"
     return None
+
+
+def prefill_min_chunk(args: argparse.Namespace) -> int:
+    """--prefill-min-chunk, defaulting to DEFAULT_MIN_CHUNK capped by the chunk limit."""
+    if args.prefill_min_chunk is not None:
+        return int(args.prefill_min_chunk)
+    return max(1, min(DEFAULT_MIN_CHUNK, args.prefill_chunk_tokens))
 
 
 def build_policy_source(args: argparse.Namespace) -> PolicySource:
@@ -199,7 +238,17 @@ def make_loader(args: argparse.Namespace, profile: Profile | None, source: Polic
             spec_policy_override=args.spec_policy,
             max_waiting=args.max_waiting,
             metrics=state.metrics,
+            prefill_chunk_tokens=args.prefill_chunk_tokens,
+            prefill_min_chunk=prefill_min_chunk(args),
         )
+        if engine.chunked_prefill:
+            log.info(
+                "chunked prefill: at most %d prompt tokens per step, at least %d",
+                engine.prefill_chunk_tokens,
+                engine.prefill_min_chunk,
+            )
+        else:
+            log.info("prompts are prefilled whole between steps")
         engine.start()
         state.codec = codec
         state.engine = engine

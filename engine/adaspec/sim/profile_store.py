@@ -3,8 +3,9 @@
 `h200-7b-0.5b-synthetic` is an ESTIMATE for a GPU-class pair (7B target, 0.5B draft on one
 H200) derived from public figures (HBM bandwidth, dense bf16 FLOP/s, typical vLLM decode
 latencies), NOT measured here; replace it with a real `adaspec profile` output when one exists.
-`cpu-qwen-coder-estimate` is the CPU pair's default time model with a calibration estimated from
-MODELS.md; a measured CPU profile (adaspec profile) should be preferred when available.
+`cpu-qwen-coder-estimate` is the CPU pair's default time model (plus a prefill model rounded from
+one profiler run) with a calibration estimated from MODELS.md; a measured CPU profile (adaspec
+profile) should be preferred when available.
 """
 
 from __future__ import annotations

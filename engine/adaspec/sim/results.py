@@ -56,6 +56,9 @@ class StepLog:
     verified: list[int] = field(default_factory=list)
     accepted: list[int] = field(default_factory=list)
     emitted: list[int] = field(default_factory=list)
+    """Tokens decoding requests emitted (first tokens, which end a prefill, not included)."""
+    prefill_tokens: list[int] = field(default_factory=list)
+    """Prompt tokens fed as chunks (chunked prefill; batch 0 when the step only prefilled)."""
     spec_lens: list[list[int]] = field(default_factory=list)
     """Verified draft tokens per request (only when the run records them)."""
 

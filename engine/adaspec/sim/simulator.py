@@ -1,16 +1,29 @@
 """Discrete-event simulator of the engine loop, driving the real SpecPolicy code.
 
-It mirrors adaspec.engine: each loop iteration admits waiting requests FIFO up to `max_batch`
-(one prefill each, a batch-1 target pass over the prompt plus a draft pass over it; the prefill
-emits the first token), then runs one decoding step for the whole running batch exactly as
-adaspec.policy.base describes (start → draft passes with keep_drafting → verify_lengths →
-observe). Arrivals during a step wait for the next iteration. When nothing runs, the clock jumps
-to the next arrival.
+It mirrors adaspec.engine: each loop iteration admits waiting requests FIFO up to `max_batch`,
+then runs one decoding step for the running batch exactly as adaspec.policy.base describes
+(start → draft passes with keep_drafting → verify_lengths → observe). Arrivals during a step
+wait for the next iteration. When nothing runs, the clock jumps to the next arrival.
 
-Times come from the Profile's TimeModel (the "truth"; the policy gets its own
-StepTimePredictor built from a profile, which may differ to test robustness), each pass
-optionally multiplied by log-normal noise. Confidences and acceptance come from an
-AcceptanceModel (adaspec.sim.acceptance). All randomness is seeded: same inputs, same result.
+Prompts are prefilled one of two ways (`SimConfig.prefill_chunk_tokens`):
+- chunked (default, what the engine does): an admitted request is *prefilling*; each step the
+  shared planner (adaspec.policy.prefill.plan_prefill) sizes its prompt chunk so the step still
+  fits the Policy's TPOT budget when the batch decodes plainly, the chunks ride along with the
+  step's verification forward (they add the prefill model's cost without its intercept; a step
+  that drafts nothing also runs the draft over them, one draft forward's fixed cost; a step with
+  no decoding rows is a prefill pass of its own), and the policy sees their predicted cost in
+  `StepContext.prefill_extra_s`. The first token comes at the end of the step that feeds the
+  prompt's last chunk; the request decodes from the next step on. The planner predicts with
+  the policy's profile and no online correction, as the engine does.
+- whole-prompt (0, the baseline): each admission runs a batch-1 target pass over its prompt plus
+  a draft pass over it between two steps, stalling the batch; the prefill emits the first token.
+
+Times come from the Profile's TimeModel (the "truth"; prompts use `TimeModel.prefill` when the
+profile has it, else the verification model plus the draft model, as before it existed). The
+policy and the chunk planner get their own StepTimePredictor built from a profile, which may
+differ from the truth to test robustness. Each pass is optionally multiplied by log-normal
+noise. Confidences and acceptance come from an AcceptanceModel (adaspec.sim.acceptance). All
+randomness is seeded: same inputs, same result.
 """
 
 from __future__ import annotations
@@ -21,11 +34,18 @@ from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from adaspec.contract import Policy, Profile, StepTimeModel, TimeModel
 from adaspec.policy.base import SpecPolicy, StepContext, StepOutcome
 from adaspec.policy.factory import StepLimits, limits_for, make_policy
+from adaspec.policy.prefill import (
+    DEFAULT_MAX_CHUNK,
+    DEFAULT_MIN_CHUNK,
+    chunk_ctx_work,
+    plan_prefill,
+)
+from adaspec.policy.time_model import StepTimePredictor
 from adaspec.sim.acceptance import AcceptanceModel, AcceptanceSampler
 from adaspec.sim.results import RequestRecord, StepLog, Summary, summarize
 from adaspec.sim.traces import Trace
@@ -40,7 +60,32 @@ class SimConfig(BaseModel):
     charge_policy_time: bool = Field(
         default=False, description="add the policy's measured wall time to each step (not seeded)"
     )
+    prefill_chunk_tokens: int = Field(
+        default=DEFAULT_MAX_CHUNK,
+        ge=0,
+        description="prompt tokens per step across prefilling requests (chunked prefill); "
+        "0: each admission prefills its whole prompt in a pass of its own, stalling the batch",
+    )
+    prefill_min_chunk: int = Field(
+        default=DEFAULT_MIN_CHUNK,
+        ge=1,
+        description="prompt tokens the oldest prefilling request gets per step even when the "
+        "budget leaves no room",
+    )
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _check_chunks(self) -> SimConfig:
+        if self.prefill_chunk_tokens and self.prefill_min_chunk > self.prefill_chunk_tokens:
+            raise ValueError(
+                f"prefill_min_chunk ({self.prefill_min_chunk}) must not exceed "
+                f"prefill_chunk_tokens ({self.prefill_chunk_tokens})"
+            )
+        return self
+
+    @property
+    def chunked(self) -> bool:
+        return self.prefill_chunk_tokens > 0
 
 
 @dataclass
@@ -66,17 +111,20 @@ class SimResult:
         )
 
 
-def _secs(m: StepTimeModel, rows: float, tokens: float, ctx_work: float) -> float:
-    ms = m.intercept_ms + m.per_row_ms * rows + m.per_token_ms * tokens
+def _secs(
+    m: StepTimeModel, rows: float, tokens: float, ctx_work: float, intercept: bool = True
+) -> float:
+    ms = (m.intercept_ms if intercept else 0.0) + m.per_row_ms * rows + m.per_token_ms * tokens
     return (ms + m.per_ctx_ktoken_ms * ctx_work / 1000.0) / 1000.0
 
 
 class _Clock:
     """Step-time truth: the time model plus seeded multiplicative noise (mean 1)."""
 
-    def __init__(self, model: TimeModel, sigma: float, seed: int) -> None:
+    def __init__(self, model: TimeModel, sigma: float, seed: int, prefill_draft: bool) -> None:
         self.model = model
         self.sigma = sigma
+        self.prefill_draft = prefill_draft
         self._rng = np.random.default_rng([seed, 0xC10C])
 
     def _noise(self) -> float:
@@ -87,15 +135,37 @@ class _Clock:
     def draft(self, rows: float, ctx_work: float) -> float:
         return _secs(self.model.draft, rows, rows, ctx_work) * self._noise()
 
-    def verify(self, rows: float, tokens: float, ctx_work: float) -> float:
-        return _secs(self.model.verify, rows, tokens, ctx_work) * self._noise()
+    def verify(self, rows: float, tokens: float, ctx_work: float, extra_s: float = 0.0) -> float:
+        """A verification forward; `extra_s`: noiseless cost of prompt chunks riding along
+        (one forward, so one noise draw for both)."""
+        return (_secs(self.model.verify, rows, tokens, ctx_work) + extra_s) * self._noise()
 
-    def prefill(self, prompt: int, with_draft: bool) -> float:
-        work = prompt * (prompt + 1) / 2.0
-        t = _secs(self.model.verify, 1, prompt, work)
-        if with_draft:
-            t += _secs(self.model.draft, 1, prompt, work)
-        return t * self._noise()
+    def _prompt(self, rows: float, tokens: float, ctx_work: float, intercept: bool) -> float:
+        m = self.model
+        if m.prefill is not None:  # measured for target + draft together
+            return _secs(m.prefill, rows, tokens, ctx_work, intercept)
+        t = _secs(m.verify, rows, tokens, ctx_work, intercept)
+        if self.prefill_draft:
+            t += _secs(m.draft, rows, tokens, ctx_work, intercept)
+        return t
+
+    def prefill(self, prompt: int) -> float:
+        """A whole prompt in a pass of its own (unchunked admission)."""
+        return self._prompt(1, prompt, prompt * (prompt + 1) / 2.0, True) * self._noise()
+
+    def prefill_pass(self, rows: float, tokens: float, ctx_work: float) -> float:
+        """Prompt chunks in a pass of their own (a step with no decoding rows)."""
+        return self._prompt(rows, tokens, ctx_work, True) * self._noise()
+
+    def draft_fixed(self) -> float:
+        """A draft forward's fixed cost: a step with prompt chunks that drafts nothing still
+        runs the draft over the chunks (adaspec.backends.torch.backend)."""
+        return _secs(self.model.draft, 0, 0, 0) * self._noise()
+
+    def chunk_extra(self, rows: float, tokens: float, ctx_work: float) -> float:
+        """What chunks add to a verification forward: the prompt cost without its intercept
+        (noiseless; the forward's noise applies)."""
+        return self._prompt(rows, tokens, ctx_work, False) if tokens > 0 else 0.0
 
 
 def simulate(
@@ -105,8 +175,16 @@ def simulate(
     time_model: TimeModel,
     acceptance: AcceptanceModel,
     config: SimConfig | None = None,
+    *,
+    planner_times: StepTimePredictor | None = None,
+    prefill_budget_s: float | None = None,
 ) -> SimResult:
-    """Replay `trace` through `policy`; returns per-request records and a per-step log."""
+    """Replay `trace` through `policy`; returns per-request records and a per-step log.
+
+    Chunked prefill: `planner_times` is what the engine's chunk planner believes (default: the
+    truth `time_model`); `prefill_budget_s` the TPOT budget it sizes chunks against, the Policy
+    document's whatever the policy kind (None: chunks of `prefill_chunk_tokens`).
+    """
     cfg = config or SimConfig()
     wall0 = time.perf_counter()
     n = len(trace)
@@ -122,7 +200,8 @@ def simulate(
     on_acc = np.zeros(total, dtype=np.bool_)
     off_conf = np.zeros(total)
     sampler = AcceptanceSampler(acceptance, cfg.seed)
-    clock = _Clock(time_model, cfg.noise_sigma, cfg.seed)
+    clock = _Clock(time_model, cfg.noise_sigma, cfg.seed, cfg.prefill_draft)
+    planner = planner_times or StepTimePredictor(time_model)
 
     first_tok = np.full(n, np.nan)
     finish = np.full(n, np.nan)
@@ -130,6 +209,9 @@ def simulate(
     # running batch as parallel arrays (admission order = batch order, like the engine)
     r_idx = np.zeros(0, dtype=np.int64)
     r_gen = np.zeros(0, dtype=np.int64)  # tokens emitted so far (first token included)
+    # chunked prefill: requests still feeding their prompt (FIFO) and tokens fed so far
+    pf_idx: list[int] = []
+    pf_done: list[int] = []
     waiting: deque[int] = deque()
     now = float(arrival[0]) if n else 0.0
     ai = 0
@@ -138,93 +220,147 @@ def simulate(
     policy_wall = 0.0
     pc = time.perf_counter
 
+    def draw(r: int) -> None:
+        lo = int(base_of[r])
+        c_on, a_on, c_off = sampler.draw(r, int(span[r]))
+        on_conf[lo : lo + span[r]], on_acc[lo : lo + span[r]] = c_on, a_on
+        off_conf[lo : lo + span[r]] = c_off
+
     while done < n:
         while ai < n and arrival[ai] <= now:
             waiting.append(ai)
             ai += 1
-        # ---- admission: prefill FIFO up to max_batch (each prefill advances the clock)
         admitted: list[int] = []
-        while r_idx.shape[0] + len(admitted) < cfg.max_batch and waiting:
-            r = waiting.popleft()
-            lo = int(base_of[r])
-            c_on, a_on, c_off = sampler.draw(r, int(span[r]))
-            on_conf[lo : lo + span[r]], on_acc[lo : lo + span[r]] = c_on, a_on
-            off_conf[lo : lo + span[r]] = c_off
-            now += clock.prefill(int(prompt[r]), cfg.prefill_draft)
-            first_tok[r] = now
-            if out_len[r] <= 1:
-                finish[r] = now
-                done += 1
-            else:
-                admitted.append(r)
-            while ai < n and arrival[ai] <= now:
-                waiting.append(ai)
-                ai += 1
+        if cfg.chunked:
+            # ---- admission: prefilling requests hold batch slots (their KV cache fills up)
+            while r_idx.shape[0] + len(pf_idx) < cfg.max_batch and waiting:
+                r = waiting.popleft()
+                draw(r)
+                pf_idx.append(r)
+                pf_done.append(0)
+        else:
+            # ---- admission: prefill FIFO up to max_batch (each prefill advances the clock)
+            while r_idx.shape[0] + len(admitted) < cfg.max_batch and waiting:
+                r = waiting.popleft()
+                draw(r)
+                now += clock.prefill(int(prompt[r]))
+                first_tok[r] = now
+                if out_len[r] <= 1:
+                    finish[r] = now
+                    done += 1
+                else:
+                    admitted.append(r)
+                while ai < n and arrival[ai] <= now:
+                    waiting.append(ai)
+                    ai += 1
         if admitted:
             r_idx = np.concatenate((r_idx, np.asarray(admitted, dtype=np.int64)))
             r_gen = np.concatenate((r_gen, np.ones(len(admitted), dtype=np.int64)))
         b = int(r_idx.shape[0])
-        if b == 0:
+        if b == 0 and not pf_idx:
             if ai < n:
                 now = max(now, float(arrival[ai]))
             continue
 
-        # ---- one decoding step
         L = prompt[r_idx] + r_gen - 1  # target KV: the last emitted token is fed next step
-        ctx = StepContext(context_lens=L.copy(), max_draft=K, budget_s=limits.budget_s)
-        conf = np.zeros((b, K))
-        lens = np.zeros(b, dtype=np.int64)
-        onpath = np.ones(b, dtype=np.bool_)
-        first_rej = np.full(b, K + 1, dtype=np.int64)
-        pos0 = base_of[r_idx] + r_gen  # flat index of the next output token
-        t0 = pc()
-        drafting = policy.start(ctx) if K > 0 else np.zeros(b, dtype=np.bool_)
-        policy_s = pc() - t0
-        draft_s = 0.0
-        for j in range(K):
-            if not drafting.any():
-                break
-            rows = np.nonzero(drafting)[0]
-            p = pos0[rows] + j
-            ok_path = onpath[rows]
-            conf[rows, j] = np.where(ok_path, on_conf[p], off_conf[p])
-            rej = ok_path & ~on_acc[p]
-            first_rej[rows[rej]] = j
-            onpath[rows[rej]] = False
-            lens[rows] += 1
-            draft_s += clock.draft(float(rows.shape[0]), float((L[rows] + j).sum()))
-            t0 = pc()
-            drafting = drafting & policy.keep_drafting(ctx, conf, lens, drafting)
-            policy_s += pc() - t0
-        t0 = pc()
-        decision = policy.verify_lengths(ctx, conf, lens)
-        policy_s += pc() - t0
-        s = np.minimum(np.maximum(decision.lens.astype(np.int64), 0), lens)
-        accepted = np.minimum(s, first_rej)
-        sf = s.astype(np.float64)
-        verify_s = clock.verify(
-            float(b), float(sf.sum() + b), float(((sf + 1.0) * L + sf * (sf + 1.0) / 2.0).sum())
-        )
-        t0 = pc()
-        policy.observe(
-            StepOutcome(
-                conf=conf,
-                verified_lens=s,
-                accepted=accepted,
-                context_lens=L,
-                drafted_lens=lens,
-                draft_time_s=draft_s,
-                verify_time_s=verify_s,
+        # ---- this step's prompt chunks
+        chunks: tuple[int, ...] = ()
+        extra_pred = chunk_rows = chunk_tokens = chunk_work = 0.0
+        if pf_idx:
+            plain_s = 0.0
+            if b:  # as the engine plans: a plain step, plus a draft forward over the chunks
+                plain_s = planner.verify(b, b, float(L.sum()))
+                if cfg.prefill_draft:
+                    plain_s += planner.draft_forward_fixed_s
+            plan = plan_prefill(
+                planner,
+                [int(prompt[r]) - d for r, d in zip(pf_idx, pf_done, strict=True)],
+                pf_done,
+                decode_rows=b,
+                plain_step_s=plain_s,
+                budget_s=prefill_budget_s,
+                max_chunk=cfg.prefill_chunk_tokens,
+                min_chunk=cfg.prefill_min_chunk,
             )
-        )
-        policy_s += pc() - t0
-        policy_wall += policy_s
-        step_s = draft_s + verify_s + (policy_s if cfg.charge_policy_time else 0.0)
+            chunks, extra_pred = plan.chunks, plan.extra_s
+            for d, c in zip(pf_done, chunks, strict=True):
+                if c > 0:
+                    chunk_rows += 1
+                    chunk_tokens += c
+                    chunk_work += chunk_ctx_work(d, c)
+
         start = now
+        if b == 0:
+            # ---- nothing decodes: the chunks are a prefill pass of their own
+            step_s = clock.prefill_pass(chunk_rows, chunk_tokens, chunk_work) if chunks else 0.0
+            lens = s = accepted = emitted = np.zeros(0, dtype=np.int64)
+        else:
+            # ---- one decoding step (prompt chunks ride along with its verification)
+            ctx = StepContext(
+                context_lens=L.copy(),
+                max_draft=K,
+                budget_s=limits.budget_s,
+                prefill_extra_s=extra_pred,
+            )
+            conf = np.zeros((b, K))
+            lens = np.zeros(b, dtype=np.int64)
+            onpath = np.ones(b, dtype=np.bool_)
+            first_rej = np.full(b, K + 1, dtype=np.int64)
+            pos0 = base_of[r_idx] + r_gen  # flat index of the next output token
+            t0 = pc()
+            drafting = policy.start(ctx) if K > 0 else np.zeros(b, dtype=np.bool_)
+            policy_s = pc() - t0
+            draft_s = 0.0
+            for j in range(K):
+                if not drafting.any():
+                    break
+                rows = np.nonzero(drafting)[0]
+                p = pos0[rows] + j
+                ok_path = onpath[rows]
+                conf[rows, j] = np.where(ok_path, on_conf[p], off_conf[p])
+                rej = ok_path & ~on_acc[p]
+                first_rej[rows[rej]] = j
+                onpath[rows[rej]] = False
+                lens[rows] += 1
+                draft_s += clock.draft(float(rows.shape[0]), float((L[rows] + j).sum()))
+                t0 = pc()
+                drafting = drafting & policy.keep_drafting(ctx, conf, lens, drafting)
+                policy_s += pc() - t0
+            t0 = pc()
+            decision = policy.verify_lengths(ctx, conf, lens)
+            policy_s += pc() - t0
+            s = np.minimum(np.maximum(decision.lens.astype(np.int64), 0), lens)
+            accepted = np.minimum(s, first_rej)
+            sf = s.astype(np.float64)
+            verify_s = clock.verify(
+                float(b),
+                float(sf.sum() + b),
+                float(((sf + 1.0) * L + sf * (sf + 1.0) / 2.0).sum()),
+                clock.chunk_extra(chunk_rows, chunk_tokens, chunk_work),
+            )
+            if chunk_tokens and cfg.prefill_draft and not lens.any():
+                # no draft pass carried the draft's copy of the chunks: a forward of its own
+                verify_s += clock.draft_fixed()
+            t0 = pc()
+            policy.observe(
+                StepOutcome(
+                    conf=conf,
+                    verified_lens=s,
+                    accepted=accepted,
+                    context_lens=L,
+                    drafted_lens=lens,
+                    draft_time_s=draft_s,
+                    verify_time_s=verify_s,
+                    prefill_extra_s=extra_pred,
+                )
+            )
+            policy_s += pc() - t0
+            policy_wall += policy_s
+            step_s = draft_s + verify_s + (policy_s if cfg.charge_policy_time else 0.0)
+            remaining = out_len[r_idx] - r_gen
+            emitted = np.minimum(accepted + 1, remaining)
+            r_gen = r_gen + emitted
         now += step_s
-        remaining = out_len[r_idx] - r_gen
-        emitted = np.minimum(accepted + 1, remaining)
-        r_gen = r_gen + emitted
         steps.start_s.append(start)
         steps.duration_s.append(step_s)
         steps.batch.append(b)
@@ -232,17 +368,39 @@ def simulate(
         steps.verified.append(int(s.sum()))
         steps.accepted.append(int(accepted.sum()))
         steps.emitted.append(int(emitted.sum()))
+        steps.prefill_tokens.append(int(chunk_tokens))
         if cfg.record_spec_lens:
             steps.spec_lens.append(s.tolist())
         request_steps += b
         proposed_total += int(lens.sum())
         verified_total += int(s.sum())
         accepted_total += int(accepted.sum())
-        fin = r_gen >= out_len[r_idx]
-        if fin.any():
-            finish[r_idx[fin]] = now
-            done += int(fin.sum())
-            r_idx, r_gen = r_idx[~fin], r_gen[~fin]
+        if b:
+            fin = r_gen >= out_len[r_idx]
+            if fin.any():
+                finish[r_idx[fin]] = now
+                done += int(fin.sum())
+                r_idx, r_gen = r_idx[~fin], r_gen[~fin]
+        if pf_idx:
+            # ---- prompts whose last chunk was fed: first token now, decoding from next step
+            joined: list[int] = []
+            still: list[int] = []
+            still_done: list[int] = []
+            for r, d, c in zip(pf_idx, pf_done, chunks, strict=True):
+                if d + c < prompt[r]:
+                    still.append(r)
+                    still_done.append(d + c)
+                    continue
+                first_tok[r] = now
+                if out_len[r] <= 1:
+                    finish[r] = now
+                    done += 1
+                else:
+                    joined.append(r)
+            pf_idx, pf_done = still, still_done
+            if joined:
+                r_idx = np.concatenate((r_idx, np.asarray(joined, dtype=np.int64)))
+                r_gen = np.concatenate((r_gen, np.ones(len(joined), dtype=np.int64)))
 
     records = [
         RequestRecord(
@@ -299,7 +457,19 @@ def run_policy(
     policy_profile: Profile | None = None,
 ) -> SimResult:
     """Simulate `trace` under policy `kind`; `profile` is the truth, `policy_profile` (default:
-    the same) is what the policy believes."""
-    pol, lim = policy_for(kind, policy_profile or profile, doc)
+    the same) is what the policy and the chunk planner believe. Chunks are sized against the
+    document's `tpotBudgetMs` for every kind (the engine plans prefill the same way whatever
+    the policy), so policies are compared on equal prefill."""
+    believed = policy_profile or profile
+    pol, lim = policy_for(kind, believed, doc)
     acc = acceptance or AcceptanceModel.from_calibration(profile.calibration)
-    return simulate(trace, pol, lim, profile.time_model, acc, config)
+    return simulate(
+        trace,
+        pol,
+        lim,
+        profile.time_model,
+        acc,
+        config,
+        planner_times=StepTimePredictor(believed.time_model),
+        prefill_budget_s=doc.tpot_budget_ms / 1000.0,
+    )

@@ -10,6 +10,16 @@ Per running request the backend keeps one target slot and one draft slot (see kv
 
 Invariant between steps: target length + 1 == draft length + len(draft_lag) == committed tokens.
 
+Chunked prefill (`begin_prefill` + `step(prefill=...)`): a registered request is *prefilling*
+until its whole prompt is in both caches; it is not in the policy's batch. Its invariant between
+steps: target length == draft length == prompt tokens fed so far (`_Prefill.done`). A chunk goes
+into the target in the step's one ragged verification forward (extra rows after the decoding
+rows) and into the draft in the same step: as extra rows of draft pass 0 when the step drafts,
+else in one draft forward over the chunks only. On its last chunk the first token is chosen from
+the last prompt position exactly as `add` does, and the request becomes a decoding row with
+pending = draft_lag = [first]. A failing forward fails the whole step (decoding and prefilling
+rows share it); bad input is refused by `begin_prefill`, for that request only.
+
 Draft confidence recorded for the policy: greedy requests use the draft's top-1 probability
 (softmax at temperature 1, the quantity the profiler calibrates); sampled requests use the
 probability the transformed draft distribution q gave the token it sampled.
@@ -19,14 +29,20 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from adaspec.backends.base import SamplingParams, SeqState, StepResult, StepStats
+from adaspec.backends.base import (
+    PrefillChunks,
+    SamplingParams,
+    SeqState,
+    StepResult,
+    StepStats,
+)
 from adaspec.backends.torch.runner import ModelRunner
 from adaspec.backends.torch.sampling import (
     check_params,
@@ -56,6 +72,21 @@ class _Row:
     draft_lag: list[int] = field(default_factory=list)
 
 
+@dataclass
+class _Prefill:
+    """A registered request whose prompt is still being fed in chunks."""
+
+    seq_id: str
+    t_slot: int
+    d_slot: int | None
+    params: SamplingParams
+    gen: torch.Generator | None
+    tokens: list[int]
+    """Everything to prefill: prompt + output so far (as `add` prefills)."""
+    done: int = 0
+    """Tokens already in both caches."""
+
+
 def _eos_ids(model: Any) -> frozenset[int]:
     ids: set[int] = set()
     for src in (getattr(model, "generation_config", None), getattr(model, "config", None)):
@@ -69,7 +100,10 @@ def _eos_ids(model: Any) -> frozenset[int]:
 
 class TorchBackend:
     """Backend protocol implementation: continuous batching, slot KV caches with rollback,
-    batched drafting with per-request early stop, one ragged verification per step."""
+    batched drafting with per-request early stop, one ragged verification per step, and chunked
+    prefill riding along with that verification (ChunkedPrefillBackend)."""
+
+    chunked_prefill = True
 
     def __init__(
         self,
@@ -98,20 +132,45 @@ class TorchBackend:
                 )
         self.max_batch = max_batch
         self.max_model_len = max_model_len
+        self.has_draft = self.draft is not None
         self.eos_token_ids: frozenset[int] = _eos_ids(target)
         self.acceptance_override = acceptance_override
         self._seeds = random.Random(seed)
         self._rows: dict[str, _Row] = {}
+        self._prefilling: dict[str, _Prefill] = {}
 
     # ------------------------------------------------------------------ membership
 
     @property
     def running(self) -> int:
-        return len(self._rows)
+        """Requests holding slots: decoding and prefilling."""
+        return len(self._rows) + len(self._prefilling)
 
     def add(self, seq: SeqState) -> int:
         """Prefill prompt (+ any output so far) into both caches; return the next token."""
-        if seq.seq_id in self._rows:
+        p = self._register(seq)
+        try:
+            logits = self.target.forward([p.t_slot], [p.tokens], last_n=1)[0]
+            if self.draft is not None and p.d_slot is not None:
+                self.draft.forward([p.d_slot], [p.tokens], last_n=0)
+        except BaseException:
+            self._free(p.t_slot, p.d_slot)
+            raise
+        return self._finish_prefill(p, logits)
+
+    def begin_prefill(self, seq: SeqState) -> None:
+        """Register `seq` (slots, input checks as `add`); its prompt is fed by later steps."""
+        p = self._register(seq)
+        self._prefilling[p.seq_id] = p
+
+    def remove(self, seq_id: str) -> None:
+        row = self._rows.pop(seq_id, None) or self._prefilling.pop(seq_id, None)
+        if row is not None:
+            self._free(row.t_slot, row.d_slot)
+
+    def _register(self, seq: SeqState) -> _Prefill:
+        """Check the request, allocate its slots and its sampling generator."""
+        if seq.seq_id in self._rows or seq.seq_id in self._prefilling:
             raise ValueError(f"seq_id {seq.seq_id!r} is already running")
         check_params(seq.params, "params")
         tokens = [*seq.prompt_ids, *seq.output_ids]
@@ -126,56 +185,75 @@ class TorchBackend:
         bad = [t for t in tokens if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt_ids: token id {bad[0]} outside the vocabulary [0, {vocab})")
-        if len(self._rows) >= self.max_batch:
+        if self.running >= self.max_batch:
             raise RuntimeError(f"batch is full (max_batch={self.max_batch})")
         t_slot = self.target.alloc()
         d_slot = self.draft.alloc() if self.draft is not None else None
-        try:
-            logits = self.target.forward([t_slot], [tokens], last_n=1)[0]
-            if self.draft is not None and d_slot is not None:
-                self.draft.forward([d_slot], [tokens], last_n=0)
-        except BaseException:
-            self.target.free(t_slot)
-            if self.draft is not None and d_slot is not None:
-                self.draft.free(d_slot)
-            raise
+        # The generator is drawn at registration in both paths, so a fixed backend seed gives
+        # the same per-request streams whether prompts are prefilled whole or in chunks.
         gen = None
         if not is_greedy(seq.params):
             gen = make_generator(seq.params, self._seeds.getrandbits(63))
-        first = self._choose(logits[-1:], seq.params, gen)
-        self._rows[seq.seq_id] = _Row(seq.seq_id, t_slot, d_slot, seq.params, gen, first, [first])
+        return _Prefill(seq.seq_id, t_slot, d_slot, seq.params, gen, tokens)
+
+    def _finish_prefill(self, p: _Prefill, logits: torch.Tensor) -> int:
+        """Choose the first token from the last prompt position; `p` becomes a decoding row."""
+        first = self._choose(logits[-1:], p.params, p.gen)
+        self._rows[p.seq_id] = _Row(p.seq_id, p.t_slot, p.d_slot, p.params, p.gen, first, [first])
         return first
 
-    def remove(self, seq_id: str) -> None:
-        row = self._rows.pop(seq_id, None)
-        if row is None:
-            return
-        self.target.free(row.t_slot)
-        if self.draft is not None and row.d_slot is not None:
-            self.draft.free(row.d_slot)
+    def _free(self, t_slot: int, d_slot: int | None) -> None:
+        self.target.free(t_slot)
+        if self.draft is not None and d_slot is not None:
+            self.draft.free(d_slot)
+
+    def _chunks(self, prefill: PrefillChunks | None) -> list[tuple[_Prefill, list[int]]]:
+        """This step's (request, chunk tokens), in the order given; checks the plan."""
+        out: list[tuple[_Prefill, list[int]]] = []
+        for sid, n in prefill.tokens.items() if prefill is not None else ():
+            p = self._prefilling.get(sid)
+            if p is None:
+                state = "decoding" if sid in self._rows else "not running"
+                raise KeyError(f"prefill: seq_id {sid!r} is {state} (begin_prefill it first)")
+            left = len(p.tokens) - p.done
+            if not 1 <= int(n) <= left:
+                raise ValueError(f"prefill: chunk of {n} tokens for {sid!r} outside [1, {left}]")
+            out.append((p, p.tokens[p.done : p.done + int(n)]))
+        return out
 
     # ------------------------------------------------------------------ one step
 
     @torch.inference_mode()
     def step(
-        self, seqs: list[SeqState], policy: SpecPolicy, max_draft: int, budget_s: float | None
+        self,
+        seqs: list[SeqState],
+        policy: SpecPolicy,
+        max_draft: int,
+        budget_s: float | None,
+        prefill: PrefillChunks | None = None,
     ) -> StepResult:
         rows = []
         for s in seqs:
             row = self._rows.get(s.seq_id)
             if row is None:
+                if s.seq_id in self._prefilling:
+                    raise KeyError(f"seq_id {s.seq_id!r} is still prefilling")
                 raise KeyError(f"seq_id {s.seq_id!r} is not running (add it first)")
             rows.append(row)
+        chunks = self._chunks(prefill)
         B = len(rows)
-        if B == 0:
+        if B == 0 and not chunks:
             return StepResult({}, StepStats(0, 0, 0.0, 0.0, 0, 0, 0, None, []))
-        max_draft = max(0, int(max_draft)) if self.draft is not None else 0
+        max_draft = max(0, int(max_draft)) if self.draft is not None and B > 0 else 0
         ctx_lens = np.array([self.target.length(r.t_slot) for r in rows], dtype=np.int64)
         room = self.max_model_len - (ctx_lens + 1)
         if (room < 0).any():
             i = int(np.argmax(room < 0))
             raise ValueError(f"seq {rows[i].seq_id!r} reached max_model_len={self.max_model_len}")
-        ctx = StepContext(context_lens=ctx_lens, max_draft=max_draft, budget_s=budget_s)
+        extra_s = float(prefill.extra_s) if chunks and prefill is not None else 0.0
+        ctx = StepContext(
+            context_lens=ctx_lens, max_draft=max_draft, budget_s=budget_s, prefill_extra_s=extra_s
+        )
         K = max_draft
         conf = np.zeros((B, K), dtype=np.float64)
         lens = np.zeros(B, dtype=np.int64)
@@ -190,7 +268,11 @@ class TorchBackend:
         for j in range(K):
             if not drafting.any():
                 break
-            self._draft_pass(rows, np.flatnonzero(drafting), j, conf, drafts, q_probs)
+            idx = np.flatnonzero(drafting)
+            if j == 0 and chunks:  # the draft's copy of the chunks rides along with pass 0
+                self._draft_pass(rows, idx, j, conf, drafts, q_probs, chunks)
+            else:  # (the short call keeps overrides of the older signature working)
+                self._draft_pass(rows, idx, j, conf, drafts, q_probs)
             lens[drafting] += 1
             draft_rows.append(int(drafting.sum()))
             if j + 1 < K:
@@ -206,10 +288,21 @@ class TorchBackend:
             verify = np.clip(np.asarray(decision.lens, dtype=np.int64), 0, lens)
 
         t1 = time.perf_counter()
+        feeds = [[r.pending, *d[: int(v)]] for r, d, v in zip(rows, drafts, verify, strict=True)]
+        # Only a prompt's last position needs logits: ask for as many trailing positions as
+        # the longest verification row (chunk rows get that many too, a few wasted rows).
+        last_n = max(len(f) for f in feeds) if feeds else 1
         logits = self.target.forward(
-            [r.t_slot for r in rows],
-            [[r.pending, *d[: int(v)]] for r, d, v in zip(rows, drafts, verify, strict=True)],
+            [r.t_slot for r in rows] + [p.t_slot for p, _ in chunks],
+            feeds + [c for _, c in chunks],
+            last_n=last_n,
         )
+        if chunks and not draft_rows and self.draft is not None:
+            self.draft.forward(
+                [int(p.d_slot) for p, _ in chunks if p.d_slot is not None],
+                [c for p, c in chunks if p.d_slot is not None],
+                last_n=0,
+            )
         forced = None
         if self.acceptance_override is not None and verify.any():
             forced = np.clip(
@@ -223,19 +316,28 @@ class TorchBackend:
             accepted[i] = n
             new_tokens[row.seq_id] = emitted
             self._commit(row, int(ctx_lens[i]), int(lens[i]), drafts[i], n, emitted[-1])
+        finished = 0
+        for (p, c), lg in zip(chunks, logits[B:], strict=True):
+            p.done += len(c)
+            if p.done == len(p.tokens):
+                del self._prefilling[p.seq_id]
+                new_tokens[p.seq_id] = [self._finish_prefill(p, lg)]
+                finished += 1
         verify_time = time.perf_counter() - t1
 
-        policy.observe(
-            StepOutcome(
-                conf=conf,
-                verified_lens=verify,
-                accepted=accepted,
-                context_lens=ctx_lens,
-                drafted_lens=lens.copy(),
-                draft_time_s=draft_time,
-                verify_time_s=verify_time,
+        if B > 0:
+            policy.observe(
+                StepOutcome(
+                    conf=conf,
+                    verified_lens=verify,
+                    accepted=accepted,
+                    context_lens=ctx_lens,
+                    drafted_lens=lens.copy(),
+                    draft_time_s=draft_time,
+                    verify_time_s=verify_time,
+                    prefill_extra_s=extra_s,
+                )
             )
-        )
         stats = StepStats(
             batch=B,
             draft_passes=len(draft_rows),
@@ -246,6 +348,8 @@ class TorchBackend:
             accepted=int(accepted.sum()),
             decision=decision,
             spec_lens=[int(v) for v in verify],
+            prefill_tokens=sum(len(c) for _, c in chunks),
+            prefill_done=finished,
         )
         return StepResult(new_tokens, stats)
 
@@ -259,18 +363,23 @@ class TorchBackend:
         conf: np.ndarray,
         drafts: list[list[int]],
         q_probs: list[list[torch.Tensor]],
+        chunks: Sequence[tuple[_Prefill, list[int]]] = (),
     ) -> None:
         """One draft forward over rows `idx`: pass 0 feeds each row's lag, later passes feed
-        the previous draft token. Records the new token, its confidence and (sampling) q."""
+        the previous draft token; `chunks` (pass 0 only) are fed as extra rows. Records the new
+        token, its confidence and (sampling) q."""
         assert self.draft is not None
         chosen = [rows[i] for i in idx]
         feeds = [
             r.draft_lag if j == 0 else [drafts[i][-1]] for i, r in zip(idx, chosen, strict=True)
         ]
-        out = self.draft.forward(
-            [int(r.d_slot) for r in chosen if r.d_slot is not None], feeds, last_n=1
-        )
-        for i, r, lg in zip(idx, chosen, out, strict=True):
+        slots = [int(r.d_slot) for r in chosen if r.d_slot is not None]
+        for pf, chunk in chunks:
+            if pf.d_slot is not None:
+                slots.append(pf.d_slot)
+                feeds.append(chunk)
+        out = self.draft.forward(slots, feeds, last_n=1)
+        for i, r, lg in zip(idx, chosen, out, strict=False):
             if j == 0:
                 r.draft_lag = []
             lg = lg[0, : self.target.vocab_size]

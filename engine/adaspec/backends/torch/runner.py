@@ -6,6 +6,11 @@ that each have their own pending tokens; one verification of ragged draft length
 forward here is rebuilt from the model's own modules (same weights, same numerics) and attention
 reads the slot cache through a boolean mask: key position p is visible to query t of row i iff
 p ≤ L_i + t, where L_i is the row's cache length before the pass.
+
+Rows of very different query lengths (a prompt chunk riding along with one-token decode rows)
+would waste most of a padded [B, max q] batch, so such a pass is *packed*: the projections and
+MLPs run over the real tokens only, and attention runs per group of rows of similar length,
+each group padded to its own longest row.
 """
 
 from __future__ import annotations
@@ -151,6 +156,8 @@ class ModelRunner:
                     raise ValueError(
                         f"token id {tok} outside the vocabulary [0, {self.vocab_size})"
                     )
+        if _padding_waste(q_lens) > _PACK_ABOVE:
+            return self._forward_packed(slots, token_lists, starts, q_lens, last_n)
         dev = self.device
         Q = max(q_lens)
         Lk = max(L + q for L, q in zip(starts, q_lens, strict=True))
@@ -211,3 +218,143 @@ class ModelRunner:
         hidden = self._base.norm(h[keep])  # [N, hidden], rows in batch order
         logits = self.model.lm_head(hidden).float().cpu()
         return list(torch.split(logits, counts, dim=0))
+
+    def _forward_packed(
+        self,
+        slots: list[int],
+        token_lists: list[list[int]],
+        starts: list[int],
+        q_lens: list[int],
+        last_n: int | None,
+    ) -> list[torch.Tensor]:
+        """`forward` over the real tokens only (see the module docstring); same results."""
+        dev = self.device
+        n_tok = sum(q_lens)
+        offsets = [0]
+        for q in q_lens:
+            offsets.append(offsets[-1] + q)
+        ids = torch.tensor([t for toks in token_lists for t in toks], dtype=torch.long, device=dev)
+        pos_l = [L + t for L, q in zip(starts, q_lens, strict=True) for t in range(q)]
+        pos = torch.tensor(pos_l, dtype=torch.long, device=dev)
+        slot_w = torch.tensor(
+            [s for s, q in zip(slots, q_lens, strict=True) for _ in range(q)], device=dev
+        )
+        groups = [
+            _AttnGroup.build(rows, slots, starts, q_lens, offsets, dev)
+            for rows in _group_rows(q_lens)
+        ]
+
+        h = self._base.embed_tokens(ids[None, :])  # [1, N, hidden]
+        cos, sin = self._base.rotary_emb(h, pos[None, :])
+        heads = self.num_heads * self.head_dim
+        for li, layer in enumerate(self._layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(h)
+            qh = attn.q_proj(x).view(1, n_tok, -1, self.head_dim).transpose(1, 2)
+            kh = attn.k_proj(x).view(1, n_tok, -1, self.head_dim).transpose(1, 2)
+            vh = attn.v_proj(x).view(1, n_tok, -1, self.head_dim)
+            qh = _apply_rope(qh, cos, sin)[0].transpose(0, 1)  # [N, heads, D]
+            kh = _apply_rope(kh, cos, sin)[0].transpose(0, 1)  # [N, kv_heads, D]
+            kc = self.cache.keys[li]
+            vc = self.cache.values[li]
+            kc[slot_w, :, pos] = kh
+            vc[slot_w, :, pos] = vh[0]
+            out = torch.empty((n_tok, heads), dtype=h.dtype, device=dev)
+            for g in groups:
+                keys = kc[:, :, : g.lk].index_select(0, g.slots)
+                vals = vc[:, :, : g.lk].index_select(0, g.slots)
+                q_g = qh[g.gather].transpose(1, 2)  # [Bg, heads, Qg, D]
+                o = sdpa(q_g, keys, vals, attn_mask=g.mask, scale=attn.scaling, enable_gqa=True)
+                o = o.transpose(1, 2).reshape(g.gather.shape[0], g.gather.shape[1], heads)
+                out.index_copy_(0, g.dest, o[g.valid])
+            h = h + attn.o_proj(out[None])
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+
+        for s, q_len in zip(slots, q_lens, strict=True):
+            self.cache.advance(s, q_len)
+        if last_n == 0:
+            return [torch.empty((0, self.vocab_size)) for _ in slots]
+        keep = [
+            i
+            for q, off in zip(q_lens, offsets, strict=False)
+            for i in range(off + (0 if last_n is None else max(0, q - last_n)), off + q)
+        ]
+        counts = [q if last_n is None else min(q, last_n) for q in q_lens]
+        hidden = self._base.norm(h[0, torch.tensor(keep, dtype=torch.long, device=dev)])
+        logits = self.model.lm_head(hidden).float().cpu()
+        return list(torch.split(logits, counts, dim=0))
+
+
+_PACK_ABOVE = 0.5
+"""Pack a pass when more than this fraction of a padded [B, max q] batch would be padding."""
+
+
+def _padding_waste(q_lens: list[int]) -> float:
+    padded = len(q_lens) * max(q_lens)
+    return 1.0 - sum(q_lens) / padded
+
+
+def _group_rows(q_lens: list[int]) -> list[list[int]]:
+    """Rows grouped for attention, longest first; a row joins the current group while the
+    group stays at most half padding."""
+    groups: list[list[int]] = []
+    tokens = 0
+    for i in sorted(range(len(q_lens)), key=lambda r: -q_lens[r]):
+        if groups:
+            g = groups[-1]
+            width = q_lens[g[0]]
+            if width * (len(g) + 1) <= 2 * (tokens + q_lens[i]):
+                g.append(i)
+                tokens += q_lens[i]
+                continue
+        groups.append([i])
+        tokens = q_lens[i]
+    return groups
+
+
+class _AttnGroup:
+    """Index tensors for one attention group of a packed pass."""
+
+    __slots__ = ("dest", "gather", "lk", "mask", "slots", "valid")
+
+    def __init__(
+        self,
+        slots: torch.Tensor,
+        gather: torch.Tensor,
+        valid: torch.Tensor,
+        dest: torch.Tensor,
+        mask: torch.Tensor,
+        lk: int,
+    ) -> None:
+        self.slots = slots
+        self.gather = gather
+        self.valid = valid
+        self.dest = dest
+        self.mask = mask
+        self.lk = lk
+
+    @classmethod
+    def build(
+        cls,
+        rows: list[int],
+        slots: list[int],
+        starts: list[int],
+        q_lens: list[int],
+        offsets: list[int],
+        dev: torch.device,
+    ) -> _AttnGroup:
+        qg = max(q_lens[r] for r in rows)
+        t = torch.arange(qg, device=dev)
+        q = torch.tensor([q_lens[r] for r in rows], device=dev)
+        off = torch.tensor([offsets[r] for r in rows], device=dev)
+        start = torch.tensor([starts[r] for r in rows], device=dev)
+        last = torch.minimum(t[None, :], q[:, None] - 1)  # padding repeats the last query
+        gather = off[:, None] + last  # [Bg, Qg] packed token index
+        valid = t[None, :] < q[:, None]
+        qpos = start[:, None] + last
+        lk = max(starts[r] + q_lens[r] for r in rows)
+        key_pos = torch.arange(lk, device=dev)
+        mask = (key_pos[None, None, :] <= qpos[:, :, None]).unsqueeze(1)  # [Bg, 1, Qg, Lk]
+        dest = gather[valid]
+        g_slots = torch.tensor([slots[r] for r in rows], dtype=torch.long, device=dev)
+        return cls(g_slots, gather, valid, dest, mask, lk)
