@@ -47,7 +47,12 @@ if str(ROOT / "engine") not in sys.path:  # runnable from a bare checkout (the G
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from adaspec.backends.base import SamplingParams, SeqState  # noqa: E402
+from adaspec.backends.base import (  # noqa: E402
+    PrefillChunks,
+    SamplingParams,
+    SeqState,
+    StepResult,
+)
 from adaspec.backends.torch.backend import TorchBackend  # noqa: E402
 from adaspec.contract import (  # noqa: E402
     AcceptanceCalibration,
@@ -58,6 +63,7 @@ from adaspec.contract import (  # noqa: E402
     SpecMode,
     TimeModel,
 )
+from adaspec.policy.base import SpecPolicy  # noqa: E402
 from adaspec.policy.factory import limits_for, make_policy  # noqa: E402
 from adaspec.profile.calibration import calibrate  # noqa: E402
 from adaspec.profile.fit import StepSample, features, fit_coefficients, fit_step_time  # noqa: E402
@@ -196,12 +202,19 @@ class _Synth:
 class SyntheticBackend(TorchBackend):
     """TorchBackend whose draft confidences and accept decisions come from an AcceptanceModel.
 
-    Uses the backend's `acceptance_override` hook for the decision and overrides the draft pass
-    to replace the recorded confidence after the real forward (so timing stays real).
+    Uses the backend's public hooks: `confidence_override` replaces the recorded confidence
+    after the real draft forward (so timing stays real), `acceptance_override` the decision.
     """
 
     def __init__(self, target: Any, draft: Any, accept: AcceptanceModel, seed: int, **kw: Any):
-        super().__init__(target, draft, acceptance_override=self._forced, seed=seed, **kw)
+        super().__init__(
+            target,
+            draft,
+            acceptance_override=self._forced,
+            confidence_override=self._confidences,
+            seed=seed,
+            **kw,
+        )
         self._sampler = AcceptanceSampler(accept, seed)
         self._synth: dict[str, _Synth] = {}
         self._pos: dict[str, int] = {}
@@ -216,28 +229,29 @@ class SyntheticBackend(TorchBackend):
         self._synth.pop(seq_id, None)
         self._pos.pop(seq_id, None)
 
-    def step(self, seqs: list[SeqState], policy: Any, max_draft: int, budget_s: float | None):  # type: ignore[no-untyped-def]
+    def step(
+        self,
+        seqs: list[SeqState],
+        policy: SpecPolicy,
+        max_draft: int,
+        budget_s: float | None,
+        prefill: PrefillChunks | None = None,
+    ) -> StepResult:
         # Output position of the step's first draft token, per request (the key of the draws).
         self._order = [s.seq_id for s in seqs]
         self._pos = {s.seq_id: len(s.output_ids) for s in seqs}
-        return super().step(seqs, policy, max_draft, budget_s)
+        return super().step(seqs, policy, max_draft, budget_s, prefill)
 
-    def _draft_pass(
-        self,
-        rows: list[Any],
-        idx: np.ndarray,
-        j: int,
-        conf: np.ndarray,
-        drafts: list[list[int]],
-        q_probs: list[list[torch.Tensor]],
-    ) -> None:
-        super()._draft_pass(rows, idx, j, conf, drafts, q_probs)
-        for i in idx:
-            sid = rows[int(i)].seq_id
+    def _confidences(self, seq_ids: list[str], j: int, real: np.ndarray) -> np.ndarray:
+        """The synthetic confidence of draft position `j` for each drafting request: its
+        on-path draw while every earlier draft of the step was accepted, else an off-path one."""
+        out = np.empty(len(seq_ids), dtype=np.float64)
+        for n, sid in enumerate(seq_ids):
             s, p0 = self._synth[sid], self._pos[sid]
             p = min(p0 + j, len(s.on) - 1)
             on_path = bool(s.acc[p0:p].all())
-            conf[int(i), j] = s.on[p] if on_path else s.off[p]
+            out[n] = s.on[p] if on_path else s.off[p]
+        return out
 
     def _forced(self, conf: np.ndarray, verify: np.ndarray) -> np.ndarray:
         out = np.zeros(len(self._order), dtype=np.int64)

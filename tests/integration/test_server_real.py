@@ -128,6 +128,47 @@ def test_metrics_move_with_requests(server: Server) -> None:
     assert value(after, mn.POLICY_GENERATION) >= 1
 
 
+def test_max_draft_tokens_caps_one_request(server: Server) -> None:
+    """The extra field `max_draft_tokens` through the official client (`extra_body`): the one
+    running request's verified drafts per step (spec-length histogram) stay within its cap,
+    0 never speculates, and greedy text is the same with or without a cap."""
+    c = openai.OpenAI(base_url=f"{server.base}/v1", api_key="x", max_retries=0, timeout=600)
+    model = c.models.list().data[0].id
+
+    def run(cap: int | None) -> tuple[str, dict[str, float]]:
+        extra: dict[str, Any] = {"ignore_eos": True}
+        if cap is not None:
+            extra["max_draft_tokens"] = cap
+        before = scrape(server.base)
+        r = c.completions.create(
+            model=model, prompt="def add(a, b):", max_tokens=12, temperature=0, extra_body=extra
+        )
+        after = scrape(server.base)
+        names = {
+            "count": (mn.SPEC_LENGTH + "_count", {}),
+            "le0": (mn.SPEC_LENGTH + "_bucket", {"le": "0.0"}),
+            "le1": (mn.SPEC_LENGTH + "_bucket", {"le": "1.0"}),
+            "proposed": (mn.DRAFT_PROPOSED, {}),
+            "verified": (mn.DRAFT_VERIFIED, {}),
+        }
+        d = {k: value(after, n, **lb) - value(before, n, **lb) for k, (n, lb) in names.items()}
+        return r.choices[0].text, d
+
+    free_text, free = run(None)
+    zero_text, zero = run(0)
+    one_text, one = run(1)
+    assert zero_text == free_text == one_text
+    assert free["verified"] > 0  # uncapped, the real pair does speculate here
+    assert zero["count"] > 0 and zero["le0"] == zero["count"] and zero["proposed"] == 0
+    assert one["count"] > 0 and one["le1"] == one["count"]
+    assert one["le0"] < one["count"]  # capped at 1, it still drafts
+
+    r = httpx.post(
+        f"{server.base}/v1/completions", json={"prompt": "x", "max_draft_tokens": -1}, timeout=60
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_draft_tokens"
+
+
 def test_policy_file_hot_reload(server: Server) -> None:
     pid = server.proc.proc.pid if server.proc.proc else None
     errors0 = value(scrape(server.base), mn.POLICY_RELOAD_ERRORS)

@@ -23,7 +23,8 @@ from openai.types.chat import ChatCompletionMessageParam
 from prometheus_client.parser import text_string_to_metric_families
 
 from adaspec import metric_names as mn
-from adaspec.contract import Policy, SpecMode
+from adaspec.backends.base import SamplingParams, SeqState
+from adaspec.contract import MAX_DRAFT_TOKENS_LIMIT, Policy, SpecMode
 from adaspec.engine import LLMEngine
 from adaspec.policy_source import PolicySource, default_policy
 from adaspec.server.app import ServerState, create_app
@@ -195,6 +196,19 @@ MALFORMED: list[tuple[str, Any, str | None]] = [
     ("/v1/chat/completions", {"messages": [{"content": "x"}]}, "messages.0.role"),
     ("/v1/chat/completions", {"messages": "hello"}, "messages"),
     ("/v1/completions", [1, 2, 3], None),
+    ("/v1/completions", {"prompt": "x", "max_draft_tokens": -1}, "max_draft_tokens"),
+    (
+        "/v1/completions",
+        {"prompt": "x", "max_draft_tokens": MAX_DRAFT_TOKENS_LIMIT + 1},
+        "max_draft_tokens",
+    ),
+    ("/v1/completions", {"prompt": "x", "max_draft_tokens": "3"}, "max_draft_tokens"),
+    ("/v1/completions", {"prompt": "x", "max_draft_tokens": True}, "max_draft_tokens"),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "x"}], "max_draft_tokens": 2.5},
+        "max_draft_tokens",
+    ),
 ]
 
 
@@ -243,6 +257,43 @@ def test_invalid_json_unknown_model_and_context_overflow() -> None:
 
         r = httpx.get(f"{base}/v1/nothing")
         assert r.status_code == 404 and "error" in r.json()
+
+
+class ParamsRecorder(ScriptedBackend):
+    """The scripted backend, keeping the SamplingParams of every request it admits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.params: list[SamplingParams] = []
+
+    def add(self, seq: SeqState) -> int:
+        self.params.append(seq.params)
+        return super().add(seq)
+
+
+def test_max_draft_tokens_reaches_the_backend() -> None:
+    """The extra field `max_draft_tokens` (completions and chat) becomes
+    SamplingParams.max_draft; absent, it stays None (only the Policy's cap applies)."""
+    backend = ParamsRecorder()
+    with live_server(backend) as (base, _):
+        c = client(base)
+        c.completions.create(
+            model=MODEL, prompt="hi", max_tokens=3, extra_body={"max_draft_tokens": 2}
+        )
+        c.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=3,
+            extra_body={"max_draft_tokens": 0},
+        )
+        c.completions.create(model=MODEL, prompt="hi", max_tokens=3)
+        c.completions.create(
+            model=MODEL,
+            prompt="hi",
+            max_tokens=3,
+            extra_body={"max_draft_tokens": MAX_DRAFT_TOKENS_LIMIT},
+        )
+    assert [p.max_draft for p in backend.params] == [2, 0, None, MAX_DRAFT_TOKENS_LIMIT]
 
 
 # ----------------------------------------------------------------------------- overload, faults
@@ -385,4 +436,63 @@ def test_tiny_torch_models_are_lossless_through_http() -> None:
             assert metric(base, mn.POLICY_GENERATION) == gen
         assert texts["off"] == texts["fixed"] == texts["adaptive"]
         assert metric(base, mn.DRAFT_ACCEPTED) > 0  # the noisy draft does agree sometimes
+        assert backend.running == 0
+
+
+def test_tiny_torch_models_honour_max_draft_tokens_through_http() -> None:
+    """Fixed K=4 policy; each request's `max_draft_tokens` caps its verified draft tokens per
+    step (the spec-length histogram), 0 never speculates, and greedy text never changes."""
+    import torch
+
+    from adaspec.backends.torch.backend import TorchBackend
+    from adaspec.backends.torch.tiny import noisy_copy, tiny_model
+
+    target = tiny_model(vocab_size=ByteCodec.VOCAB, seed=3)
+    backend = TorchBackend(
+        target,
+        noisy_copy(target, 0.05, seed=4),
+        max_batch=2,
+        max_model_len=256,
+        dtype=torch.float32,
+        seed=0,
+    )
+    fixed = Policy(
+        generation=1,
+        mode=SpecMode.fixed,
+        tpot_slo_ms=10_000.0,
+        tpot_budget_ms=10_000.0,
+        max_draft_tokens=4,
+        fixed_draft_tokens=4,
+    )
+    with live_server(backend, policy=fixed) as (base, _):
+        c = client(base)
+
+        def spec_hist() -> dict[str, float]:
+            out = {"count": metric(base, mn.SPEC_LENGTH + "_count")}
+            for k in range(5):
+                out[str(k)] = metric(base, mn.SPEC_LENGTH + "_bucket", le=f"{k}.0")
+            out["proposed"] = metric(base, mn.DRAFT_PROPOSED)
+            return out
+
+        texts: dict[int | None, str] = {}
+        for cap in (None, 0, 1, 2):
+            before = spec_hist()
+            extra: dict[str, Any] = {"ignore_eos": True}
+            if cap is not None:
+                extra["max_draft_tokens"] = cap
+            r = c.completions.create(
+                model=MODEL, prompt="def f(x):", max_tokens=20, temperature=0, extra_body=extra
+            )
+            texts[cap] = r.choices[0].text
+            after = spec_hist()
+            d = {k: after[k] - before[k] for k in after}
+            assert d["count"] > 0
+            if cap is None:
+                assert d["3"] < d["count"]  # the uncapped request verifies 4 drafts per step
+            elif cap == 0:
+                assert d["proposed"] == 0 and d["0"] == d["count"]
+            else:
+                assert d[str(cap)] == d["count"]  # never more than the cap...
+                assert d[str(cap - 1)] < d["count"]  # ...and the cap itself is reached
+        assert texts[0] == texts[1] == texts[2] == texts[None]
         assert backend.running == 0

@@ -638,3 +638,167 @@ def test_chunked_prefill_membership_and_plan_errors(target: Any, drafts: dict[st
     assert res.new_tokens == {"a": reference_greedy(target, PROMPTS[0], 1)}
     with pytest.raises(KeyError, match="decoding"):
         backend.step([], OffPolicy(), 0, None, PrefillChunks({"a": 1}))
+
+
+# ----------------------------------------------------------------------------- per-request cap
+
+
+class SpyFixedK(FixedKPolicy):
+    """FixedKPolicy that records what the backend tells it about drafting rows."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__(k)
+        self.keep_calls: list[tuple[int, IntArray, BoolArray]] = []
+        """(step index, lens, drafting) per keep_drafting call."""
+        self.verify_confs: list[FloatArray] = []
+        self.outcomes: list[StepOutcome] = []
+
+    def keep_drafting(
+        self, ctx: StepContext, conf: FloatArray, lens: IntArray, drafting: BoolArray
+    ) -> BoolArray:
+        self.keep_calls.append((len(self.outcomes), lens.copy(), drafting.copy()))
+        return super().keep_drafting(ctx, conf, lens, drafting)
+
+    def verify_lengths(self, ctx: StepContext, conf: FloatArray, lens: IntArray) -> VerifyDecision:
+        self.verify_confs.append(conf.copy())
+        return super().verify_lengths(ctx, conf, lens)
+
+    def observe(self, outcome: StepOutcome) -> None:
+        self.outcomes.append(outcome)
+
+
+def _run_batch(
+    backend: TorchBackend, policy: SpecPolicy, k: int, seqs: list[SeqState], limits: list[int]
+) -> list[tuple[list[str], StepStats]]:
+    """Admit every request, step them together until each has `limits[i]` tokens; returns each
+    step's batch (seq ids in order) with its stats."""
+    running = list(zip(seqs, limits, strict=True))
+    for s, _ in running:
+        s.output_ids.append(backend.add(s))
+    steps = []
+    while running:
+        batch = [s for s, _ in running]
+        res = backend.step(batch, policy, k, None)
+        steps.append(([s.seq_id for s in batch], res.stats))
+        still = []
+        for s, n in running:
+            s.output_ids.extend(res.new_tokens[s.seq_id])
+            if len(s.output_ids) >= n:
+                del s.output_ids[n:]
+                backend.remove(s.seq_id)
+            else:
+                still.append((s, n))
+        running = still
+    return steps
+
+
+def test_per_request_draft_cap_limits_drafting_and_stays_lossless(
+    target: Any, drafts: dict[str, Any], references: list[list[int]]
+) -> None:
+    """Caps 0 and 1 next to an uncapped request under fixed K=4: the capped rows never draft
+    past their cap (0: never), the policy is told exactly that, greedy output is unchanged."""
+    caps = {"c0": 0, "c1": 1, "free": None}
+    seqs = [
+        SeqState(sid, PROMPTS[i], SamplingParams(max_tokens=MAX_TOKENS[i], max_draft=cap))
+        for i, (sid, cap) in enumerate(caps.items())
+    ]
+    policy = SpyFixedK(4)
+    steps = _run_batch(
+        _backend(target, drafts["noisy"], max_batch=3), policy, 4, seqs, MAX_TOKENS[:3]
+    )
+    assert [s.output_ids for s in seqs] == references[:3]
+
+    lens_seen: dict[str, list[int]] = {sid: [] for sid in caps}
+    for (ids, stats), outcome in zip(steps, policy.outcomes, strict=True):
+        assert stats.proposed == int(outcome.drafted_lens.sum())
+        for sid, spec, drafted in zip(ids, stats.spec_lens, outcome.drafted_lens, strict=True):
+            lens_seen[sid].append(spec)
+            cap = caps[sid]
+            if cap is not None:
+                assert spec <= cap and drafted <= cap, (sid, spec, drafted)
+    assert set(lens_seen["c0"]) == {0}  # never speculates
+    assert max(lens_seen["c1"]) == 1  # capped, but does draft
+    assert max(lens_seen["free"]) == 4  # the same batch drafts the full K for the uncapped row
+    # The policy is never told that a row drafts past its cap.
+    assert policy.keep_calls
+    for step, lens, drafting in policy.keep_calls:
+        for sid, n, on in zip(steps[step][0], lens, drafting, strict=True):
+            cap = caps[sid]
+            assert cap is None or n <= cap
+            assert not (on and cap == 0)
+    for o in policy.outcomes:
+        inside = np.arange(o.conf.shape[1])[None, :] < o.drafted_lens[:, None]
+        assert (o.conf[~inside] == 0).all()
+
+
+def test_cap_zero_sampled_request_decodes_exactly_like_plain_decoding(
+    target: Any, drafts: dict[str, Any]
+) -> None:
+    """A sampled request with max_draft=0 in a speculating batch draws the same random stream
+    as the same request under plain decoding: it verifies nothing, so it samples nothing extra."""
+    capped = SeqState("s", PROMPTS[0], SamplingParams(temperature=1.0, seed=5, max_draft=0))
+    mate = SeqState("g", PROMPTS[2], SamplingParams())
+    steps = _run_batch(
+        _backend(target, drafts["noisy"], max_batch=2), FixedKPolicy(3), 3, [capped, mate], [14, 18]
+    )
+    assert sum(st.proposed for _, st in steps) > 0  # the batch did speculate
+    alone = SeqState("s", PROMPTS[0], SamplingParams(temperature=1.0, seed=5))
+    _run_batch(_backend(target, drafts["noisy"], max_batch=1), OffPolicy(), 0, [alone], [14])
+    assert capped.output_ids == alone.output_ids
+    other = SeqState("s", PROMPTS[0], SamplingParams(temperature=1.0, seed=6))
+    _run_batch(_backend(target, drafts["noisy"], max_batch=1), OffPolicy(), 0, [other], [14])
+    assert other.output_ids != alone.output_ids  # the seed matters: the comparison can fail
+
+
+@pytest.mark.parametrize("bad", [-1, True, 1.5])
+def test_bad_draft_cap_is_refused_naming_the_field(
+    target: Any, drafts: dict[str, Any], bad: Any
+) -> None:
+    backend = _backend(target, drafts["noisy"], max_batch=1)
+    with pytest.raises(ValueError, match=r"params\.max_draft"):
+        backend.add(SeqState("a", [5, 6], SamplingParams(max_draft=bad)))
+    with pytest.raises(ValueError, match=r"params\.max_draft"):
+        backend.begin_prefill(SeqState("a", [5, 6], SamplingParams(max_draft=bad)))
+    assert backend.running == 0
+
+
+# ----------------------------------------------------------------------------- confidence hook
+
+
+def test_confidence_override_replaces_what_the_policy_sees(
+    target: Any, drafts: dict[str, Any]
+) -> None:
+    """The hook gets the real confidences (those recorded without it) and its answer is what the
+    policy sees; the drafted tokens and outputs do not change."""
+    seen: list[tuple[list[str], int, np.ndarray]] = []
+
+    def synthetic(ids: list[str], j: int, real: np.ndarray) -> np.ndarray:
+        seen.append((list(ids), j, real.copy()))
+        return np.array([0.1 * (j + 1) + (0.05 if sid == "b" else 0.0) for sid in ids])
+
+    def run(override: Any) -> tuple[SpyFixedK, list[list[int]]]:
+        backend = _backend(target, drafts["noisy"], max_batch=2, confidence_override=override)
+        seqs = [SeqState(sid, PROMPTS[i], SamplingParams()) for i, sid in enumerate("ab")]
+        policy = SpyFixedK(3)
+        _run_batch(backend, policy, 3, seqs, [6, 6])
+        return policy, [s.output_ids for s in seqs]
+
+    plain, plain_out = run(None)
+    spied, spied_out = run(synthetic)
+    assert spied_out == plain_out
+    want = np.array([[0.1, 0.2, 0.3], [0.15, 0.25, 0.35]])
+    for conf in spied.verify_confs:
+        np.testing.assert_allclose(conf, want[: conf.shape[0]])
+    # The hook saw the real confidences, row by row and pass by pass.
+    assert [ids for ids, _, _ in seen[:3]] == [["a", "b"]] * 3
+    assert [j for _, j, _ in seen[:3]] == [0, 1, 2]
+    real = np.stack([r for _, _, r in seen[:3]], axis=1)
+    np.testing.assert_array_equal(real, plain.verify_confs[0])
+
+    bad = _backend(
+        target, drafts["noisy"], max_batch=1, confidence_override=lambda i, j, r: np.ones(3)
+    )
+    s = SeqState("a", PROMPTS[0], SamplingParams())
+    s.output_ids.append(bad.add(s))
+    with pytest.raises(ValueError, match="confidence_override returned shape"):
+        bad.step([s], FixedKPolicy(2), 2, None)

@@ -152,7 +152,7 @@ def test_packed_pass_of_very_different_lengths_matches_hf(model: Any) -> None:
         calls.append(list(args[3]))
         return packed(*args)
 
-    runner._forward_packed = spy  # type: ignore[method-assign]
+    runner._forward_packed = spy  # type: ignore[method-assign, assignment]
     seqs = [_seq(n, 40 + n) for n in (70, 12, 14, 40, 9)]
     refs = [_hf_logits(model, s) for s in seqs]
     slots = [runner.alloc() for _ in range(5)]
@@ -172,3 +172,24 @@ def test_packed_pass_of_very_different_lengths_matches_hf(model: Any) -> None:
     for o, r, p, k in zip(outs, refs, prefix, steps, strict=True):
         torch.testing.assert_close(o, r[p : p + k][-2:], atol=TOL, rtol=0)
     assert calls == [[48, 1, 1, 27, 1], [12, 1, 1, 1, 1]]  # the prefill above was not packed
+
+
+def test_logits_can_stay_on_the_device(model: Any) -> None:
+    """`on_device=True` returns the same float32 logits, left where the model runs (the host
+    here); dense and packed passes alike."""
+    host = ModelRunner(model, max_slots=3, max_len=64)
+    dev = ModelRunner(model, max_slots=3, max_len=64)
+    for lens in ((4, 3, 4), (15, 3, 1)):  # dense; packed (mostly padding otherwise)
+        seqs = [_seq(n, 40 + n) for n in lens]
+        for last_n in (None, 2):
+            hs = [host.alloc() for _ in seqs]
+            ds = [dev.alloc() for _ in seqs]
+            a = host.forward(hs, seqs, last_n=last_n)
+            b = dev.forward(ds, seqs, last_n=last_n, on_device=True)
+            for x, y in zip(a, b, strict=True):
+                assert y.dtype == torch.float32 and y.device == dev.device
+                torch.testing.assert_close(x, y, atol=0, rtol=0)
+            for s in hs:
+                host.free(s)
+            for s in ds:
+                dev.free(s)

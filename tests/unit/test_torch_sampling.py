@@ -12,7 +12,13 @@ import torch
 
 from adaspec.backends.base import SamplingParams, SeqState
 from adaspec.backends.torch import TorchBackend
-from adaspec.backends.torch.sampling import probs_from_logits, verify_greedy, verify_sampled
+from adaspec.backends.torch.sampling import (
+    accept_greedy,
+    probs_from_logits,
+    sample_inverse_cdf,
+    verify_greedy,
+    verify_sampled,
+)
 from adaspec.backends.torch.tiny import tiny_model
 from adaspec.policy.baselines import FixedKPolicy
 
@@ -97,6 +103,28 @@ def test_greedy_verify_accepts_matching_prefix() -> None:
     v = verify_greedy([2, 1, 0], logits)
     assert (v.accepted, v.tokens) == (1, [2, 4])
     assert verify_greedy([], logits[:1]).tokens == [2]
+    ids = logits.argmax(dim=-1).tolist()
+    assert accept_greedy([2, 1, 0], ids) == verify_greedy([2, 1, 0], logits)
+
+
+def test_inverse_cdf_sampler_follows_the_weights() -> None:
+    """The sampler used when probabilities live on another device than the generator (a GPU):
+    tested here on CPU by calling it directly. Unnormalised weights; zero weights never drawn,
+    including the first and the last token."""
+    w = torch.tensor([0.0, 3.0, 1.0, 0.0, 0.5, 2.5, 0.0])
+    pj = (w / w.sum()).double().numpy()
+    gen = torch.Generator().manual_seed(99)
+    n = 20000
+    counts = np.zeros(len(w))
+    for _ in range(n):
+        counts[sample_inverse_cdf(w, gen)] += 1
+    support = pj > 0
+    assert counts[~support].sum() == 0
+    assert chi2(counts[support], pj[support]) < chi2_critical(int(support.sum()) - 1)
+    assert tv(counts / n, pj) < 3 * tv_noise(pj, n)
+    one_hot = torch.zeros(5)
+    one_hot[4] = 1.0
+    assert {sample_inverse_cdf(one_hot, gen) for _ in range(50)} == {4}
 
 
 def test_top_p_keeps_the_smallest_nucleus() -> None:

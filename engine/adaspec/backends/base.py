@@ -28,6 +28,9 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     ignore_eos: bool = False
+    max_draft: int | None = None
+    """This request's own cap on draft tokens per step (0 = it never speculates); None = only
+    the live Policy's limit applies. The effective cap is the smaller of the two."""
 
 
 @dataclass

@@ -282,6 +282,7 @@ def _sampling(
         top_p=body.top_p,
         seed=body.seed,
         ignore_eos=body.ignore_eos,
+        max_draft=body.max_draft_tokens,
     )
 
 

@@ -4,6 +4,9 @@ Requests are validated by pydantic: anything malformed becomes a 400 whose `para
 offending field (see app.py). Unknown fields are ignored, as OpenAI clients send optional
 extras; features this engine does not implement (n > 1, logprobs, echo, best_of > 1) are
 rejected explicitly rather than silently ignored.
+
+Extras beyond OpenAI's schema (clients send them through `extra_body`): `ignore_eos` and
+`max_draft_tokens`, this request's own cap on speculative draft tokens per step.
 """
 
 from __future__ import annotations
@@ -11,7 +14,9 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
+
+from adaspec.contract import MAX_DRAFT_TOKENS_LIMIT
 
 MAX_STOP_STRINGS = 16
 
@@ -36,6 +41,9 @@ class _SamplingFields(BaseModel):
     logprobs: bool | int | None = None
     ignore_eos: bool = False
     """Extra (vLLM-style): keep generating past EOS until max_tokens (benchmarks)."""
+    max_draft_tokens: Annotated[StrictInt, Field(ge=0, le=MAX_DRAFT_TOKENS_LIMIT)] | None = None
+    """Extra: at most this many draft tokens per step for this request (0 = plain decoding,
+    e.g. for a latency-critical request); the live Policy's maxDraftTokens still applies."""
 
     @field_validator("n")
     @classmethod

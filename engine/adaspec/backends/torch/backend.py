@@ -23,6 +23,15 @@ rows share it); bad input is refused by `begin_prefill`, for that request only.
 Draft confidence recorded for the policy: greedy requests use the draft's top-1 probability
 (softmax at temperature 1, the quantity the profiler calibrates); sampled requests use the
 probability the transformed draft distribution q gave the token it sampled.
+`confidence_override` (synthetic-confidence studies) replaces what is recorded.
+
+Per-request draft cap (`SamplingParams.max_draft`): a row drafts while the policy wants it to and
+it is under min(Policy K, its cap, room left in max_model_len); a row with cap 0 never drafts and
+so never verifies. The policy is only told what rows really did (`drafting`, `lens`).
+
+Host traffic: logits stay on the model's device. Greedy rows reduce there to (token, top-1
+probability) per draft pass and to argmax ids per verified position; sampled rows keep their
+q/p distributions there and move only the scalars the accept/reject decision reads.
 """
 
 from __future__ import annotations
@@ -45,12 +54,12 @@ from adaspec.backends.base import (
 )
 from adaspec.backends.torch.runner import ModelRunner
 from adaspec.backends.torch.sampling import (
+    accept_greedy,
     check_params,
     is_greedy,
     make_generator,
     probs_from_logits,
     sample,
-    verify_greedy,
     verify_sampled,
 )
 from adaspec.policy.base import SpecPolicy, StepContext, StepOutcome, VerifyDecision
@@ -59,6 +68,11 @@ AcceptanceOverride = Callable[[np.ndarray, np.ndarray], np.ndarray]
 """(conf (B, K), verified lens (B,)) → accepted counts (B,). Synthetic-acceptance mode: the
 first `accepted[i]` draft tokens are emitted as if the target had accepted them, followed by the
 target's token at that position. For timing studies with random weights only: not lossless."""
+
+ConfidenceOverride = Callable[[list[str], int, np.ndarray], np.ndarray]
+"""(seq ids of the rows that drafted in this pass, draft position j, their real confidences
+(n,)) → the confidences to record for them (n,), which the policy then sees. The drafted tokens
+are unchanged. Synthetic-confidence mode, for timing studies with random weights."""
 
 
 @dataclass
@@ -85,6 +99,25 @@ class _Prefill:
     """Everything to prefill: prompt + output so far (as `add` prefills)."""
     done: int = 0
     """Tokens already in both caches."""
+
+
+def _draft_caps(rows: list[_Row], k: int) -> np.ndarray:
+    """Per-row draft tokens allowed this step: the Policy's K, lowered by a request's own cap."""
+    caps = [k if r.params.max_draft is None else min(k, r.params.max_draft) for r in rows]
+    return np.asarray(caps, dtype=np.int64).reshape(len(rows))
+
+
+def _argmax_rows(logits: list[torch.Tensor]) -> list[list[int]]:
+    """Argmax ids of each [q_i, V] tensor, reduced in one pass on their device."""
+    if not logits:
+        return []
+    ids = torch.cat(logits).argmax(dim=-1).tolist()
+    out: list[list[int]] = []
+    at = 0
+    for lg in logits:
+        out.append(ids[at : at + lg.shape[0]])
+        at += lg.shape[0]
+    return out
 
 
 def _eos_ids(model: Any) -> frozenset[int]:
@@ -115,6 +148,7 @@ class TorchBackend:
         device: str = "cpu",
         dtype: torch.dtype | None = torch.bfloat16,
         acceptance_override: AcceptanceOverride | None = None,
+        confidence_override: ConfidenceOverride | None = None,
         seed: int | None = None,
     ) -> None:
         if max_batch < 1:
@@ -135,6 +169,7 @@ class TorchBackend:
         self.has_draft = self.draft is not None
         self.eos_token_ids: frozenset[int] = _eos_ids(target)
         self.acceptance_override = acceptance_override
+        self.confidence_override = confidence_override
         self._seeds = random.Random(seed)
         self._rows: dict[str, _Row] = {}
         self._prefilling: dict[str, _Prefill] = {}
@@ -150,7 +185,7 @@ class TorchBackend:
         """Prefill prompt (+ any output so far) into both caches; return the next token."""
         p = self._register(seq)
         try:
-            logits = self.target.forward([p.t_slot], [p.tokens], last_n=1)[0]
+            logits = self.target.forward([p.t_slot], [p.tokens], last_n=1, on_device=True)[0]
             if self.draft is not None and p.d_slot is not None:
                 self.draft.forward([p.d_slot], [p.tokens], last_n=0)
         except BaseException:
@@ -196,9 +231,11 @@ class TorchBackend:
             gen = make_generator(seq.params, self._seeds.getrandbits(63))
         return _Prefill(seq.seq_id, t_slot, d_slot, seq.params, gen, tokens)
 
-    def _finish_prefill(self, p: _Prefill, logits: torch.Tensor) -> int:
-        """Choose the first token from the last prompt position; `p` becomes a decoding row."""
-        first = self._choose(logits[-1:], p.params, p.gen)
+    def _finish_prefill(self, p: _Prefill, logits: torch.Tensor, first: int | None = None) -> int:
+        """Choose the first token from the last prompt position (unless given: a greedy argmax
+        taken with the step's others); `p` becomes a decoding row."""
+        if first is None:
+            first = self._choose(logits[-1:], p.params, p.gen)
         self._rows[p.seq_id] = _Row(p.seq_id, p.t_slot, p.d_slot, p.params, p.gen, first, [first])
         return first
 
@@ -261,23 +298,23 @@ class TorchBackend:
         q_probs: list[list[torch.Tensor]] = [[] for _ in range(B)]
         draft_rows: list[int] = []
 
+        # Draft tokens each row may have this step: its own cap, then the cache room left.
+        limit = np.minimum(_draft_caps(rows, K), room)
         t0 = time.perf_counter()
         drafting = np.zeros(B, dtype=np.bool_)
         if K > 0:
-            drafting = np.asarray(policy.start(ctx), dtype=np.bool_) & (room > 0)
+            drafting = np.asarray(policy.start(ctx), dtype=np.bool_) & (limit > 0)
         for j in range(K):
             if not drafting.any():
                 break
             idx = np.flatnonzero(drafting)
-            if j == 0 and chunks:  # the draft's copy of the chunks rides along with pass 0
-                self._draft_pass(rows, idx, j, conf, drafts, q_probs, chunks)
-            else:  # (the short call keeps overrides of the older signature working)
-                self._draft_pass(rows, idx, j, conf, drafts, q_probs)
+            # The draft's copy of the prompt chunks rides along with pass 0.
+            self._draft_pass(rows, idx, j, conf, drafts, q_probs, chunks if j == 0 else ())
             lens[drafting] += 1
             draft_rows.append(int(drafting.sum()))
             if j + 1 < K:
                 keep = np.asarray(policy.keep_drafting(ctx, conf, lens, drafting), dtype=np.bool_)
-                drafting = drafting & keep & (lens < room)
+                drafting = drafting & keep & (lens < limit)
         draft_time = time.perf_counter() - t0
 
         decision: VerifyDecision | None = None
@@ -296,6 +333,7 @@ class TorchBackend:
             [r.t_slot for r in rows] + [p.t_slot for p, _ in chunks],
             feeds + [c for _, c in chunks],
             last_n=last_n,
+            on_device=True,
         )
         if chunks and not draft_rows and self.draft is not None:
             self.draft.forward(
@@ -308,20 +346,34 @@ class TorchBackend:
             forced = np.clip(
                 np.asarray(self.acceptance_override(conf, verify), dtype=np.int64), 0, verify
             )
+        # Greedy choices, one argmax over the device logits: every verified position of a
+        # greedy decoding row, the last prompt position of a greedy chunk that completes.
+        done = [p.done + len(c) == len(p.tokens) for p, c in chunks]
+        greedy = [lg for r, lg in zip(rows, logits, strict=False) if r.gen is None]
+        greedy += [
+            lg[-1:]
+            for (p, _), lg, d in zip(chunks, logits[B:], done, strict=True)
+            if d and p.gen is None
+        ]
+        best = iter(_argmax_rows(greedy))
         accepted = np.zeros(B, dtype=np.int64)
         new_tokens: dict[str, list[int]] = {}
         for i, row in enumerate(rows):
             nv = int(verify[i])
-            n, emitted = self._accept(row, drafts[i][:nv], q_probs[i][:nv], logits[i], forced, i)
+            ids = next(best) if row.gen is None else None
+            n, emitted = self._accept(
+                row, drafts[i][:nv], q_probs[i][:nv], logits[i], ids, forced, i
+            )
             accepted[i] = n
             new_tokens[row.seq_id] = emitted
             self._commit(row, int(ctx_lens[i]), int(lens[i]), drafts[i], n, emitted[-1])
         finished = 0
-        for (p, c), lg in zip(chunks, logits[B:], strict=True):
+        for (p, c), lg, d in zip(chunks, logits[B:], done, strict=True):
             p.done += len(c)
-            if p.done == len(p.tokens):
+            if d:
                 del self._prefilling[p.seq_id]
-                new_tokens[p.seq_id] = [self._finish_prefill(p, lg)]
+                first = next(best)[0] if p.gen is None else None
+                new_tokens[p.seq_id] = [self._finish_prefill(p, lg, first)]
                 finished += 1
         verify_time = time.perf_counter() - t1
 
@@ -378,22 +430,37 @@ class TorchBackend:
             if pf.d_slot is not None:
                 slots.append(pf.d_slot)
                 feeds.append(chunk)
-        out = self.draft.forward(slots, feeds, last_n=1)
-        for i, r, lg in zip(idx, chosen, out, strict=False):
+        out = self.draft.forward(slots, feeds, last_n=1, on_device=True)
+        n = len(chosen)
+        lg = torch.cat(out[:n])[:, : self.target.vocab_size]  # [n, V] on the draft's device
+        toks = [0] * n
+        confs = [0.0] * n
+        greedy = [k for k, r in enumerate(chosen) if r.gen is None]
+        if greedy:  # top-1 (token, probability) on the device; only 2 × rows values move
+            sel = lg if len(greedy) == n else lg[torch.tensor(greedy, device=lg.device)]
+            top_p, top_i = torch.softmax(sel, dim=-1).max(dim=-1)
+            for k, t, c in zip(greedy, top_i.tolist(), top_p.tolist(), strict=True):
+                toks[k], confs[k] = int(t), float(c)
+        for k, (i, r) in enumerate(zip(idx, chosen, strict=True)):
             if j == 0:
                 r.draft_lag = []
-            lg = lg[0, : self.target.vocab_size]
-            if r.gen is None:
-                p = torch.softmax(lg, dim=-1)
-                top_p, top_i = p.max(dim=-1)
-                tok, c = int(top_i), float(top_p)
-            else:
-                q = probs_from_logits(lg[None, :], r.params.temperature, r.params.top_p)[0]
-                tok = sample(q, r.gen)
-                c = float(q[tok])
+            if r.gen is not None:
+                q = probs_from_logits(lg[k : k + 1], r.params.temperature, r.params.top_p)[0]
+                toks[k] = sample(q, r.gen)
+                confs[k] = float(q[toks[k]])
                 q_probs[i].append(q)
-            drafts[i].append(tok)
-            conf[i, j] = c
+            drafts[i].append(toks[k])
+        got = np.asarray(confs, dtype=np.float64)
+        if self.confidence_override is not None:
+            got = np.asarray(
+                self.confidence_override([r.seq_id for r in chosen], j, got.copy()),
+                dtype=np.float64,
+            )
+            if got.shape != (n,):
+                raise ValueError(
+                    f"confidence_override returned shape {got.shape} for {n} drafting rows"
+                )
+        conf[idx, j] = got
 
     def _accept(
         self,
@@ -401,17 +468,26 @@ class TorchBackend:
         drafts: list[int],
         q: list[torch.Tensor],
         logits: torch.Tensor,
+        best: list[int] | None,
         forced: np.ndarray | None,
         i: int,
     ) -> tuple[int, list[int]]:
+        """Verify one row: `best` holds the target's argmax per position for a greedy row
+        (None for a sampled row, which uses `logits` on the device)."""
         if forced is not None:
             n = int(forced[i])
-            return n, [*drafts[:n], self._choose(logits[n : n + 1], row.params, row.gen)]
+            x = (
+                best[n]
+                if best is not None
+                else self._choose(logits[n : n + 1], row.params, row.gen)
+            )
+            return n, [*drafts[:n], x]
         if row.gen is None:
-            v = verify_greedy(drafts, logits)
+            assert best is not None, "a greedy row needs its argmax ids"
+            v = accept_greedy(drafts, best)
         else:
             p = probs_from_logits(logits, row.params.temperature, row.params.top_p)
-            qs = torch.stack(q) if q else torch.empty((0, p.shape[1]))
+            qs = torch.stack(q) if q else torch.empty((0, p.shape[1]), device=p.device)
             if qs.shape[1] < p.shape[1]:  # draft vocab smaller: its q is 0 beyond it
                 qs = torch.nn.functional.pad(qs, (0, p.shape[1] - qs.shape[1]))
             v = verify_sampled(drafts, qs, p, row.gen)

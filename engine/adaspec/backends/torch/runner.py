@@ -129,12 +129,15 @@ class ModelRunner:
         token_lists: list[list[int]],
         *,
         last_n: int | None = None,
+        on_device: bool = False,
     ) -> list[torch.Tensor]:
         """Append each row's tokens to its slot and return float32 logits per row.
 
         Row i gets logits [q_i, vocab] for its q_i = len(token_lists[i]) tokens, or only for its
         last min(last_n, q_i) tokens when `last_n` is given (0: no logits, e.g. a prefill whose
         next token is not needed). Position t of row i predicts the token after it.
+        The logits are on the host unless `on_device`: then they stay on the model's device
+        (no device→host copy of rows × vocab floats; the caller reduces them there first).
         """
         if len(slots) != len(token_lists):
             raise ValueError("slots and token_lists differ in length")
@@ -157,7 +160,7 @@ class ModelRunner:
                         f"token id {tok} outside the vocabulary [0, {self.vocab_size})"
                     )
         if _padding_waste(q_lens) > _PACK_ABOVE:
-            return self._forward_packed(slots, token_lists, starts, q_lens, last_n)
+            return self._forward_packed(slots, token_lists, starts, q_lens, last_n, on_device)
         dev = self.device
         Q = max(q_lens)
         Lk = max(L + q for L, q in zip(starts, q_lens, strict=True))
@@ -213,11 +216,16 @@ class ModelRunner:
             self.cache.advance(s, q_len)
         if last_n == 0:
             return [torch.empty((0, self.vocab_size)) for _ in slots]
-        keep = valid if last_n is None else valid & (t_idx[None, :] >= q_t[:, None] - last_n)
-        counts = keep.sum(dim=1).tolist()
-        hidden = self._base.norm(h[keep])  # [N, hidden], rows in batch order
-        logits = self.model.lm_head(hidden).float().cpu()
-        return list(torch.split(logits, counts, dim=0))
+        # Kept positions indexed from host lists (a boolean mask would sync on the device).
+        counts = [q if last_n is None else min(q, last_n) for q in q_lens]
+        keep = [
+            i * Q + t
+            for i, (q, n) in enumerate(zip(q_lens, counts, strict=True))
+            for t in range(q - n, q)
+        ]
+        flat = h.reshape(B * Q, -1)
+        hidden = self._base.norm(flat[torch.tensor(keep, dtype=torch.long, device=dev)])
+        return self._split_logits(hidden, counts, on_device)
 
     def _forward_packed(
         self,
@@ -226,6 +234,7 @@ class ModelRunner:
         starts: list[int],
         q_lens: list[int],
         last_n: int | None,
+        on_device: bool = False,
     ) -> list[torch.Tensor]:
         """`forward` over the real tokens only (see the module docstring); same results."""
         dev = self.device
@@ -281,7 +290,15 @@ class ModelRunner:
         ]
         counts = [q if last_n is None else min(q, last_n) for q in q_lens]
         hidden = self._base.norm(h[0, torch.tensor(keep, dtype=torch.long, device=dev)])
-        logits = self.model.lm_head(hidden).float().cpu()
+        return self._split_logits(hidden, counts, on_device)
+
+    def _split_logits(
+        self, hidden: torch.Tensor, counts: list[int], on_device: bool
+    ) -> list[torch.Tensor]:
+        """lm_head over the kept positions, as float32 per row (host or device)."""
+        logits = self.model.lm_head(hidden).float()
+        if not on_device:
+            logits = logits.cpu()
         return list(torch.split(logits, counts, dim=0))
 
 

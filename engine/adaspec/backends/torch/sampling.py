@@ -8,10 +8,17 @@ applied to the draft distribution q and the target distribution p. Draft token x
 probability min(1, p(x)/q(x)); on the first rejection the emitted token is drawn from
 normalize(max(0, p − q)); after all are accepted a bonus token is drawn from p. Every emitted
 token then follows the target's (transformed) distribution exactly.
+
+Device: probabilities may live on the model's device (a GPU); the per-request generators are
+CPU generators. Only scalars (token ids, the probabilities of drafted tokens) cross to the host:
+`sample` inverts the CDF on the device with a uniform drawn on the host when the two differ.
+On CPU every function keeps its plain torch path (`torch.multinomial`), so results there are
+unchanged.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +32,9 @@ def check_params(params: SamplingParams, field_prefix: str = "params") -> None:
         raise ValueError(f"{field_prefix}.temperature must be >= 0, got {params.temperature}")
     if not 0.0 < params.top_p <= 1.0:
         raise ValueError(f"{field_prefix}.top_p must be in (0, 1], got {params.top_p}")
+    cap = params.max_draft
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 0):
+        raise ValueError(f"{field_prefix}.max_draft must be an integer >= 0 or None, got {cap!r}")
 
 
 def is_greedy(params: SamplingParams) -> bool:
@@ -56,8 +66,24 @@ def probs_from_logits(logits: torch.Tensor, temperature: float, top_p: float) ->
 
 
 def sample(probs: torch.Tensor, gen: torch.Generator) -> int:
-    """Draw one token id from a [V] probability vector."""
-    return int(torch.multinomial(probs, 1, generator=gen).item())
+    """Draw one token id from a [V] probability vector (weights need not sum to 1)."""
+    if probs.device.type == gen.device.type:
+        return int(torch.multinomial(probs, 1, generator=gen).item())
+    return sample_inverse_cdf(probs, gen)
+
+
+def sample_inverse_cdf(probs: torch.Tensor, gen: torch.Generator) -> int:
+    """One draw by inverting the CDF at a uniform from `gen`, computed where `probs` lives.
+
+    Why: `torch.multinomial` needs its generator on the probabilities' device, and moving a
+    vocabulary row to the host for it would sync on every sampled token; this moves one id.
+    A zero-weight token is never drawn (the CDF does not rise at it).
+    """
+    u = torch.rand((1,), generator=gen, dtype=torch.float64, device=gen.device)
+    cdf = probs.double().cumsum(0)
+    x = u.to(cdf.device) * cdf[-1]
+    i = torch.searchsorted(cdf, x, right=True)
+    return int(i.clamp_(max=probs.shape[0] - 1))
 
 
 @dataclass(frozen=True)
@@ -70,7 +96,12 @@ class Verified:
 
 def verify_greedy(drafts: list[int], target_logits: torch.Tensor) -> Verified:
     """target_logits: [len(drafts) + 1, V]; row j is the target's view after drafts[:j]."""
-    best = target_logits.argmax(dim=-1).tolist()
+    return accept_greedy(drafts, target_logits.argmax(dim=-1).tolist())
+
+
+def accept_greedy(drafts: list[int], best: Sequence[int]) -> Verified:
+    """`verify_greedy` from the target's argmax ids ([len(drafts) + 1]), computed for a whole
+    batch on the device so only ids reach the host."""
     n = 0
     while n < len(drafts) and drafts[n] == best[n]:
         n += 1
@@ -87,10 +118,11 @@ def verify_sampled(
     target_probs: [s + 1, V] (p, transformed with the same parameters)."""
     s = len(drafts)
     if s:
-        idx = torch.tensor(drafts, dtype=torch.long)
-        rows = torch.arange(s)
-        p_x = target_probs[rows, idx]
-        q_x = draft_probs[rows, idx]
+        dev = target_probs.device
+        idx = torch.tensor(drafts, dtype=torch.long, device=dev)
+        rows = torch.arange(s, device=dev)
+        p_x = target_probs[rows, idx].cpu()  # only the drafted tokens' probabilities move
+        q_x = draft_probs[rows, idx].cpu()
         u = torch.rand(s, generator=gen)
         # u < p/q  ⇔  u·q < p (q > 0 for a token the draft sampled); accepted w.p. min(1, p/q).
         ok = (u * q_x < p_x).tolist()

@@ -9,10 +9,10 @@ plugin (scheduler.py) or, in config-only mode, through the static K table (confi
 `submit` must be called from the asyncio loop that consumes the stream (as with LLMEngine);
 AsyncLLM starts its output handler on that loop at the first request.
 
-Per-request draft cap: `submit(..., max_draft=n)` (or a `max_draft` attribute on the sampling
-params, once the server carries one) becomes `SamplingParams.extra_args["adaspec_max_draft"]`,
-which the AdaSpec scheduler applies (0 = this request never speculates; the SLO guard also
-counts such a request's time per token). The OpenAI server does not pass one along yet.
+Per-request draft cap: `submit(..., max_draft=n)` (or `SamplingParams.max_draft`, which the
+OpenAI server fills from the request's `max_draft_tokens`) becomes
+`SamplingParams.extra_args["adaspec_max_draft"]`, which the AdaSpec scheduler applies (0 = this
+request never speculates; the SLO guard also counts such a request's time per token).
 With vLLM's `per_request_spec_decode_metrics` on (via `extra`), each finished request's
 acceptance record is kept for `request_spec_metrics(request_id)`.
 """
