@@ -4,12 +4,16 @@ A "step decision" is everything the backend asks the policy in one step: start()
 keep_drafting() after each draft pass, verify_lengths() and observe(). Confidences are drawn
 from a Beta mix resembling the real pair (MODELS.md: most tokens sure, a tail unsure).
 
+The cost is a few dozen numpy calls per step whatever the batch, so it moves with the machine's
+load: the 1-minute load average before and after the run is printed and kept in the JSON.
+
     python bench/policy_overhead.py [--steps 400] [--max-draft 8]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import numpy as np
@@ -79,6 +83,7 @@ def main() -> int:
     if args.steps < 5:
         ap.error("--steps must be at least 5")
     rng = np.random.default_rng(0)
+    load_before = os.getloadavg()[0]
     batches = [int(x) for x in args.batches.split(",")]
     rows, results = [], []
     # a GPU-like time model (draft pass ≪ verification) so AdaSpec really drafts deep
@@ -133,11 +138,19 @@ def main() -> int:
                     "draft_passes": mean_passes,
                 }
             )
+    load_after = os.getloadavg()[0]
     print_table(["batch", "policy", "median µs/step", "p90 µs/step", "draft passes"], rows)
+    print(f"\nload average (1 min): {load_before:.2f} before, {load_after:.2f} after")
     path = write_json(
-        "policy_overhead", {"steps": args.steps, "max_draft": args.max_draft, "results": results}
+        "policy_overhead",
+        {
+            "steps": args.steps,
+            "max_draft": args.max_draft,
+            "load_avg_1min": {"before": load_before, "after": load_after},
+            "results": results,
+        },
     )
-    print(f"\nwrote {path}")
+    print(f"wrote {path}")
     return 0
 
 

@@ -534,8 +534,11 @@ class LLMEngine:
             max_chunk=self.prefill_chunk_tokens,
             min_chunk=self.prefill_min_chunk,
         )
+        left = sum(r.prefill_total - r.prefill_done for r in prefilling) - sum(plan.chunks)
         return PrefillChunks(
-            {r.id: n for r, n in zip(prefilling, plan.chunks, strict=True) if n > 0}, plan.extra_s
+            {r.id: n for r, n in zip(prefilling, plan.chunks, strict=True) if n > 0},
+            plan.extra_s,
+            backlog_tokens=left,
         )
 
     def _step(self) -> None:

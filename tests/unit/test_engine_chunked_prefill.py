@@ -57,6 +57,10 @@ class Call:
     done: dict[str, int]
     left: dict[str, int]
     extra_s: float
+    backlog: int = 0
+    """What the engine said is left for later steps (PrefillChunks.backlog_tokens)."""
+    unfed: int = 0
+    """Prompt tokens the backend itself holds unfed after this step's chunks."""
 
 
 class RecordingBackend(TorchBackend):
@@ -85,6 +89,9 @@ class RecordingBackend(TorchBackend):
                 {sid: p.done for sid, p in pf.items()},
                 {sid: len(p.tokens) - p.done for sid, p in pf.items()},
                 prefill.extra_s if prefill is not None else 0.0,
+                prefill.backlog_tokens if prefill is not None else 0,
+                sum(len(p.tokens) - p.done for p in self._prefilling.values())
+                - sum(chunks.values()),
             )
         )
         if self.step_delay_s:
@@ -188,6 +195,9 @@ def test_prompts_arriving_mid_decode_match_whole_prompt_admission(pair: tuple[An
         plain = times.verify(b, b, float(sum(c.context_lens))) + times.draft_forward_fixed_s
         forced = len(c.chunks) == 1 and next(iter(c.chunks.values())) <= MIN_CHUNK
         assert plain + c.extra_s <= budget + 1e-9 or forced, c
+    # the policy hears of the prompt tokens left for later steps (AdaSpec then decodes plainly)
+    assert all(c.backlog == c.unfed for c in backend.calls)
+    assert any(c.backlog > 0 for c in mixed)
     # the budget, not the chunk limit, bounded the chunks that rode along with decoding rows
     assert max(sum(c.chunks.values()) for c in mixed) < MAX_CHUNK
     m = engine.metrics.registry

@@ -296,6 +296,24 @@ def test_without_a_budget_prompt_chunks_do_not_buy_more_drafts() -> None:
         assert d_chunks.predicted_step_s == pytest.approx(d_plain.predicted_step_s + 2.0)
 
 
+def test_no_drafting_while_admitted_prompts_wait_for_prefill() -> None:
+    """A prefill backlog means the step's length paces admission: AdaSpec decodes plainly and
+    says so in its prediction; once the backlog is gone it drafts the same step again."""
+    ctx_lens = np.full(3, 100, dtype=np.int64)
+    src = np.full((3, 4), 0.95)
+    for backlog, drafts in ((0, True), (1, False), (700, False)):
+        policy = _policy(CPU_LIKE)
+        ctx = StepContext(
+            context_lens=ctx_lens, max_draft=4, prefill_extra_s=0.05, prefill_backlog_tokens=backlog
+        )
+        conf, lens = run_drafting(policy, ctx, src)
+        d = policy.verify_lengths(ctx, conf, lens)
+        assert bool(lens.sum() > 0) is drafts
+        assert bool(d.lens.sum() > 0) is drafts
+        if not drafts:
+            assert d.predicted_step_s == pytest.approx(policy.plain_step_s(ctx))
+
+
 def test_a_step_without_drafts_is_charged_the_chunks_and_their_draft_forward() -> None:
     policy = _policy(CPU_LIKE)
     ctx_lens = np.full(3, 50, dtype=np.int64)

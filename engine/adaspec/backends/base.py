@@ -83,6 +83,9 @@ class PrefillChunks:
     extra_s: float = 0.0
     """Predicted time the chunks add to the step (`PrefillPlan.extra_s`): the policy sees it as
     `StepContext.prefill_extra_s` and drafts only what still fits the budget."""
+    backlog_tokens: int = 0
+    """Prompt tokens of admitted requests left for later steps (`StepContext.
+    prefill_backlog_tokens`): while any are left, the step's length paces admission."""
 
 
 class Backend(Protocol):

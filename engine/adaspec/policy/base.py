@@ -43,6 +43,9 @@ class StepContext:
     """Predicted time prompt chunks add to this step's verification (policy/prefill.py), from
     the profile's time model without online bias correction (a policy applies its own); the
     SLO guard must count it in every step-time prediction."""
+    prefill_backlog_tokens: int = 0
+    """Prompt tokens of admitted requests still waiting for prefill after this step's chunks.
+    While there are any, the step's length paces admission, not just decoding."""
 
     @property
     def batch(self) -> int:

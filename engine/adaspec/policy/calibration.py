@@ -28,6 +28,11 @@ def _isotonic(values: FloatArray, weights: FloatArray) -> FloatArray:
     return np.asarray(out, dtype=np.float64)
 
 
+def _within_unit(table: FloatArray) -> bool:
+    """Every acceptance in [0, 1] (so survival never grows along a request's drafts)."""
+    return bool(((table >= 0.0) & (table <= 1.0)).all())
+
+
 class AcceptanceCalibrator:
     """Binned calibration with a Beta prior per bin and online, forgetting updates."""
 
@@ -52,6 +57,9 @@ class AcceptanceCalibrator:
         self._successes = np.zeros_like(self._prior)
         self._trials = np.zeros_like(self._prior)
         self._table = self._prior.copy()
+        # every acceptance within [0, 1]: survival never grows along a request's drafts, which
+        # AdaSpecPolicy's verifier shortcut relies on (a prior weight of 0 can make it NaN)
+        self.bounded = _within_unit(self._table)
         rate = float(np.mean(self._prior)) if initial_rate is None else float(initial_rate)
         self._rate = rate  # running per-token acceptance, for not-yet-drafted tokens
         self._prior_rate = rate
@@ -82,8 +90,7 @@ class AcceptanceCalibrator:
 
     def predict(self, conf: FloatArray) -> FloatArray:
         """P(accept) for each draft confidence (any shape)."""
-        idx = np.searchsorted(self._inner_edges, conf, side="right")
-        out: FloatArray = self._table[idx]
+        out: FloatArray = self._table[self._inner_edges.searchsorted(conf, side="right")]
         return out
 
     @property
@@ -107,23 +114,57 @@ class AcceptanceCalibrator:
         if conf.size == 0:
             return
         k = conf.shape[1]
-        pos = np.arange(k)[None, :]
-        acc = accepted[:, None]
-        observed = (pos < verified_lens[:, None]) & (pos <= acc)
-        if not observed.any():
-            return
-        ok = (pos < acc) & observed
-        bins = np.searchsorted(self._inner_edges, conf[observed], side="right")
         n_bins = self._prior.shape[0]
-        succ = np.bincount(bins, weights=ok[observed].astype(np.float64), minlength=n_bins)
-        tri = np.bincount(bins, minlength=n_bins).astype(np.float64)
-        decay = self._forget ** float(tri.sum())
+        pos = np.arange(k)[None, :]
+        # Outcome counts per bin are integers: exact whatever the order they are counted in.
+        integers = verified_lens.dtype.kind in "iu" and accepted.dtype.kind in "iu"
+        if integers and int(verified_lens.max()) <= 1:
+            # at most one token verified per request (large batches): column 0 alone
+            observed = (verified_lens > 0) & (accepted >= 0)
+            n_observed = int(np.count_nonzero(observed))
+            if n_observed == 0:
+                return
+            bins = self._inner_edges.searchsorted(conf[:, 0][observed], side="right")
+            accepted_0 = accepted[observed] > 0
+            succ = np.bincount(bins, weights=accepted_0, minlength=n_bins)
+            tri = np.bincount(bins, minlength=n_bins).astype(np.float64)
+            n_ok = int(np.count_nonzero(accepted_0))
+        elif integers:
+            # j < verified and j <= accepted  ⇔  j < min(verified, accepted + 1)
+            reach = np.minimum(verified_lens, accepted + 1)
+            observed = pos < reach[:, None]
+            n_observed = int(np.count_nonzero(observed))
+            if n_observed == 0:
+                return
+            bins = self._inner_edges.searchsorted(conf[observed], side="right")
+            tri_n = np.bincount(bins, minlength=n_bins)
+            # Every observed token was accepted but the one at position `accepted` where
+            # verification rejected it: the last observed token of its row, so its index in
+            # the row-major `bins` is the running count of observed tokens up to its row, - 1.
+            rejected = np.flatnonzero((accepted < verified_lens) & (accepted >= 0) & (accepted < k))
+            per_row = np.minimum(np.maximum(reach, 0), k)
+            last = per_row.cumsum()[rejected] - 1
+            succ = (tri_n - np.bincount(bins[last], minlength=n_bins)).astype(np.float64)
+            tri = tri_n.astype(np.float64)
+            n_ok = n_observed - rejected.shape[0]
+        else:
+            acc = accepted[:, None]
+            observed = (pos < verified_lens[:, None]) & (pos <= acc)
+            ok = (pos < acc) & observed
+            n_observed = int(np.count_nonzero(observed))
+            if n_observed == 0:
+                return
+            n_ok = int(np.count_nonzero(ok))
+            bins = self._inner_edges.searchsorted(conf[observed], side="right")
+            succ = np.bincount(bins, weights=ok[observed].astype(np.float64), minlength=n_bins)
+            tri = np.bincount(bins, minlength=n_bins).astype(np.float64)
+        decay = self._forget ** float(n_observed)
         self._successes = self._successes * decay + succ
         self._trials = self._trials * decay + tri
         self._updates += 1
         if self._updates % self.refresh_every == 0 or self._updates < self.refresh_every:
             self._refresh()
-        step_rate = float(ok.sum()) / float(observed.sum())
+        step_rate = float(n_ok) / float(n_observed)
         self._rate += self._rate_weight * (step_rate - self._rate)
 
     def relax(self, weight: float = 0.01) -> None:
@@ -138,7 +179,11 @@ class AcceptanceCalibrator:
         """Recompute the monotone table (PAVA is a Python loop: not on every step)."""
         w = self._prior_weight
         raw = (w * self._prior + self._successes) / (w + self._trials)
-        self._table = _isotonic(raw, w + self._trials)
+        if (raw[:-1] > raw[1:]).any():  # PAVA would pool these neighbours
+            self._table = _isotonic(raw, w + self._trials)
+        else:  # already monotone: PAVA returns it as it is
+            self._table = raw
+        self.bounded = _within_unit(self._table)
 
     def expected_error(
         self, conf: FloatArray, verified_lens: IntArray, accepted: IntArray

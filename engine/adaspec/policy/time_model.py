@@ -68,6 +68,9 @@ class StepTimePredictor:
         self._log_bias_verify = 0.0
         self.draft_scale = 1.0
         self.verify_scale = 1.0
+        # the m-terms of draft_and_verify_prefix for m = 1..len (the coefficients never change)
+        self._draft_m = np.zeros(0)
+        self._verify_m = np.zeros(0)
 
     def draft_pass(self, rows: float, ctx_work: float) -> float:
         if rows <= 0:
@@ -88,6 +91,26 @@ class StepTimePredictor:
             d.c0 + (d.cr + d.ct) * m + d.cc * ctx_cumsum
         ) + self.verify_scale * ((v.ct + v.cc) * m + v.cc * ctx_cumsum)
         return out
+
+    def draft_and_verify_prefix(self, ctx_cumsum: FloatArray, base: float) -> FloatArray:
+        """`base + draft_and_verify_increment(m, ctx_cumsum)` for m = 1..n in a new array, bit
+        for bit: the same operations in the same order, with the m-terms cached (the drafter
+        calls this before every pass)."""
+        n = ctx_cumsum.shape[0]
+        if n > self._draft_m.shape[0]:
+            d, v = self._draft, self._verify
+            m = np.arange(1.0, max(n, 2 * self._draft_m.shape[0]) + 1.0)
+            self._draft_m = d.c0 + (d.cr + d.ct) * m
+            self._verify_m = (v.ct + v.cc) * m
+        t: FloatArray = ctx_cumsum * self._draft.cc
+        t += self._draft_m[:n]
+        t *= self.draft_scale
+        u = ctx_cumsum * self._verify.cc
+        u += self._verify_m[:n]
+        u *= self.verify_scale
+        t += u
+        t += base
+        return t
 
     def verify(self, rows: float, tokens: float, ctx_work: float) -> float:
         return self.verify_scale * self._verify(rows, tokens, ctx_work)

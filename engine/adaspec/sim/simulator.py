@@ -266,6 +266,7 @@ def simulate(
         # ---- this step's prompt chunks
         chunks: tuple[int, ...] = ()
         extra_pred = chunk_rows = chunk_tokens = chunk_work = 0.0
+        backlog = 0
         if pf_idx:
             plain_s = 0.0
             if b:  # as the engine plans: a plain step, plus a draft forward over the chunks
@@ -283,6 +284,8 @@ def simulate(
                 min_chunk=cfg.prefill_min_chunk,
             )
             chunks, extra_pred = plan.chunks, plan.extra_s
+            backlog = sum(int(prompt[r]) - d for r, d in zip(pf_idx, pf_done, strict=True))
+            backlog -= sum(chunks)
             for d, c in zip(pf_done, chunks, strict=True):
                 if c > 0:
                     chunk_rows += 1
@@ -301,6 +304,7 @@ def simulate(
                 max_draft=K,
                 budget_s=limits.budget_s,
                 prefill_extra_s=extra_pred,
+                prefill_backlog_tokens=backlog,
             )
             conf = np.zeros((b, K))
             lens = np.zeros(b, dtype=np.int64)

@@ -289,7 +289,11 @@ class TorchBackend:
             raise ValueError(f"seq {rows[i].seq_id!r} reached max_model_len={self.max_model_len}")
         extra_s = float(prefill.extra_s) if chunks and prefill is not None else 0.0
         ctx = StepContext(
-            context_lens=ctx_lens, max_draft=max_draft, budget_s=budget_s, prefill_extra_s=extra_s
+            context_lens=ctx_lens,
+            max_draft=max_draft,
+            budget_s=budget_s,
+            prefill_extra_s=extra_s,
+            prefill_backlog_tokens=int(prefill.backlog_tokens) if prefill is not None else 0,
         )
         K = max_draft
         conf = np.zeros((B, K), dtype=np.float64)
