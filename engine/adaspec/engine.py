@@ -539,6 +539,7 @@ class LLMEngine:
             {r.id: n for r, n in zip(prefilling, plan.chunks, strict=True) if n > 0},
             plan.extra_s,
             backlog_tokens=left,
+            waiting_requests=len(self._waiting),
         )
 
     def _step(self) -> None:

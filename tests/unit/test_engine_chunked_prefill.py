@@ -61,6 +61,8 @@ class Call:
     """What the engine said is left for later steps (PrefillChunks.backlog_tokens)."""
     unfed: int = 0
     """Prompt tokens the backend itself holds unfed after this step's chunks."""
+    waiting: int = 0
+    """Requests the engine said were queued for admission."""
 
 
 class RecordingBackend(TorchBackend):
@@ -92,6 +94,7 @@ class RecordingBackend(TorchBackend):
                 prefill.backlog_tokens if prefill is not None else 0,
                 sum(len(p.tokens) - p.done for p in self._prefilling.values())
                 - sum(chunks.values()),
+                prefill.waiting_requests if prefill is not None else 0,
             )
         )
         if self.step_delay_s:
@@ -195,9 +198,11 @@ def test_prompts_arriving_mid_decode_match_whole_prompt_admission(pair: tuple[An
         plain = times.verify(b, b, float(sum(c.context_lens))) + times.draft_forward_fixed_s
         forced = len(c.chunks) == 1 and next(iter(c.chunks.values())) <= MIN_CHUNK
         assert plain + c.extra_s <= budget + 1e-9 or forced, c
-    # the policy hears of the prompt tokens left for later steps (AdaSpec then decodes plainly)
+    # the policy hears of the prompt tokens left for later steps and of the admission queue
+    # (AdaSpec decodes plainly when both are non-empty); max_batch holds all three requests here
     assert all(c.backlog == c.unfed for c in backend.calls)
     assert any(c.backlog > 0 for c in mixed)
+    assert all(c.waiting == 0 for c in backend.calls)
     # the budget, not the chunk limit, bounded the chunks that rode along with decoding rows
     assert max(sum(c.chunks.values()) for c in mixed) < MAX_CHUNK
     m = engine.metrics.registry

@@ -296,15 +296,21 @@ def test_without_a_budget_prompt_chunks_do_not_buy_more_drafts() -> None:
         assert d_chunks.predicted_step_s == pytest.approx(d_plain.predicted_step_s + 2.0)
 
 
-def test_no_drafting_while_admitted_prompts_wait_for_prefill() -> None:
-    """A prefill backlog means the step's length paces admission: AdaSpec decodes plainly and
-    says so in its prediction; once the backlog is gone it drafts the same step again."""
+def test_no_drafting_when_saturated() -> None:
+    """A prefill backlog while requests wait for admission means the step's length paces
+    admission: AdaSpec decodes plainly and says so in its prediction. A backlog alone (nobody
+    waiting) or a queue alone (no prompt left to feed) does not stop it."""
     ctx_lens = np.full(3, 100, dtype=np.int64)
     src = np.full((3, 4), 0.95)
-    for backlog, drafts in ((0, True), (1, False), (700, False)):
+    cases = ((0, 0, True), (0, 5, True), (700, 0, True), (1, 1, False), (700, 5, False))
+    for backlog, waiting, drafts in cases:
         policy = _policy(CPU_LIKE)
         ctx = StepContext(
-            context_lens=ctx_lens, max_draft=4, prefill_extra_s=0.05, prefill_backlog_tokens=backlog
+            context_lens=ctx_lens,
+            max_draft=4,
+            prefill_extra_s=0.05,
+            prefill_backlog_tokens=backlog,
+            requests_waiting=waiting,
         )
         conf, lens = run_drafting(policy, ctx, src)
         d = policy.verify_lengths(ctx, conf, lens)

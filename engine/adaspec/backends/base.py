@@ -85,7 +85,10 @@ class PrefillChunks:
     `StepContext.prefill_extra_s` and drafts only what still fits the budget."""
     backlog_tokens: int = 0
     """Prompt tokens of admitted requests left for later steps (`StepContext.
-    prefill_backlog_tokens`): while any are left, the step's length paces admission."""
+    prefill_backlog_tokens`)."""
+    waiting_requests: int = 0
+    """Requests queued for admission when the step was planned (`StepContext.requests_waiting`):
+    with a backlog too, the system is saturated and the step's length paces admission."""
 
 
 class Backend(Protocol):

@@ -45,7 +45,9 @@ class StepContext:
     SLO guard must count it in every step-time prediction."""
     prefill_backlog_tokens: int = 0
     """Prompt tokens of admitted requests still waiting for prefill after this step's chunks.
-    While there are any, the step's length paces admission, not just decoding."""
+    With requests also waiting for admission, the step's length paces admission."""
+    requests_waiting: int = 0
+    """Requests queued for admission (not yet prefilling) when the step was planned."""
 
     @property
     def batch(self) -> int:

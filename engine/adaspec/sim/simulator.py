@@ -305,6 +305,7 @@ def simulate(
                 budget_s=limits.budget_s,
                 prefill_extra_s=extra_pred,
                 prefill_backlog_tokens=backlog,
+                requests_waiting=len(waiting),
             )
             conf = np.zeros((b, K))
             lens = np.zeros(b, dtype=np.int64)

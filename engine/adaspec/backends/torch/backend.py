@@ -294,6 +294,7 @@ class TorchBackend:
             budget_s=budget_s,
             prefill_extra_s=extra_s,
             prefill_backlog_tokens=int(prefill.backlog_tokens) if prefill is not None else 0,
+            requests_waiting=int(prefill.waiting_requests) if prefill is not None else 0,
         )
         K = max_draft
         conf = np.zeros((B, K), dtype=np.float64)
