@@ -109,10 +109,10 @@ def pair() -> tuple[Any, Any]:
 
 
 def make_engine(
-    pair: tuple[Any, Any], chunk: int, min_chunk: int = MIN_CHUNK, **kw: Any
+    pair: tuple[Any, Any], chunk: int, min_chunk: int = MIN_CHUNK, max_batch: int = 3, **kw: Any
 ) -> tuple[LLMEngine, RecordingBackend]:
     backend = RecordingBackend(
-        pair[0], pair[1], max_batch=3, max_model_len=128, dtype=torch.float32, **kw
+        pair[0], pair[1], max_batch=max_batch, max_model_len=128, dtype=torch.float32, **kw
     )
     engine = LLMEngine(
         backend,
@@ -209,6 +209,24 @@ def test_prompts_arriving_mid_decode_match_whole_prompt_admission(pair: tuple[An
     assert m.get_sample_value(mn.REQUEST_TTFT + "_count") == 3
     decode_rows = sum(len(c.decoding) for c in backend.calls)
     assert m.get_sample_value(mn.TARGET_FORWARDS) == decode_rows + 3  # one per prefill
+
+
+def test_a_full_batch_with_a_prefill_backlog_is_reported_saturated(pair: tuple[Any, Any]) -> None:
+    """Two slots: A decodes, B prefills over several steps, C waits for a slot. The engine must
+    tell the backend (and so the policy) both the backlog and the queue on B's steps; output
+    is unchanged."""
+    codec = TokenCodec()
+    want = [
+        codec.decode(reference_greedy(pair[0], PROMPT_A, 30)),
+        codec.decode(reference_greedy(pair[0], PROMPT_B, 12)),
+        codec.decode(reference_greedy(pair[0], PROMPT_C, 12)),
+    ]
+    engine, backend = make_engine(pair, chunk=8, min_chunk=4, max_batch=2)
+    assert serve_arrivals(engine) == want
+    assert all(c.backlog == c.unfed for c in backend.calls)
+    saturated = [c for c in backend.calls if c.decoding and c.backlog > 0 and c.waiting > 0]
+    assert saturated, "no step saw a prefill backlog with a request waiting for admission"
+    assert all(c.waiting <= 1 for c in backend.calls)
 
 
 def test_abort_while_prefilling_frees_the_slots(pair: tuple[Any, Any]) -> None:
