@@ -507,3 +507,29 @@ def test_serving_pod_gets_ready_sees_configmap_updates_and_stops(tmp_path: Path)
     assert api.finalized == ["web-1"]
     last = api.statuses[-1]["containerStatuses"][0]["state"]
     assert "terminated" in last  # http.server exits on SIGTERM
+
+
+def test_pods_starting_together_never_share_an_address() -> None:
+    """Pods start on their own threads; a probe that yields (a real socket bind does) must not
+    let two of them take the same address."""
+    import threading
+    import time as _time
+
+    def slow_probe(ip: str, ports: list[int]) -> bool:
+        _time.sleep(0.01)  # let the other threads run between the probe and the record
+        return True
+
+    pool = AddressPool("127.0.10.0/28", probe_free=slow_probe)
+    got: list[str] = []
+    start = threading.Barrier(6)
+
+    def take(uid: str) -> None:
+        start.wait()
+        got.append(pool.allocate(uid, [8080]))
+
+    threads = [threading.Thread(target=take, args=(f"pod-{i}",)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(got) == 6 and len(set(got)) == 6, got

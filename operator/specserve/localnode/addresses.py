@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import threading
 from collections.abc import Callable
 
 
@@ -39,17 +40,23 @@ class AddressPool:
         self._candidates = [str(h) for h in net.hosts() if str(h) != "127.0.0.1"]
         self._used: dict[str, str] = {}  # ip -> pod uid
         self._probe = probe_free or (lambda ip, ports: all(_port_free(ip, p) for p in ports))
+        # Pods start on their own threads: without the lock two of them could both probe the
+        # same free address before either records it, and the second pod's bind then fails
+        # for good (seen once in the e2e suite: 7 restarts, "Address already in use").
+        self._lock = threading.Lock()
 
     def allocate(self, uid: str, ports: list[int] | None = None) -> str:
-        for ip, owner in self._used.items():
-            if owner == uid:
-                return ip
-        for ip in self._candidates:
-            if ip not in self._used and self._probe(ip, list(ports or [])):
-                self._used[ip] = uid
-                return ip
+        with self._lock:
+            for ip, owner in self._used.items():
+                if owner == uid:
+                    return ip
+            for ip in self._candidates:
+                if ip not in self._used and self._probe(ip, list(ports or [])):
+                    self._used[ip] = uid
+                    return ip
         raise AddressPoolExhaustedError("no free loopback pod address left")
 
     def release(self, uid: str) -> None:
-        for ip in [ip for ip, owner in self._used.items() if owner == uid]:
-            del self._used[ip]
+        with self._lock:
+            for ip in [ip for ip, owner in self._used.items() if owner == uid]:
+                del self._used[ip]
