@@ -189,6 +189,29 @@ def _verify_ctx_work(L: FloatArray, s: FloatArray) -> float:
     return float(((s + 1.0) * L + s * (s + 1.0) / 2.0).sum())
 
 
+def _dinkelbach(
+    ratio: FloatArray, surv: FloatArray, tau: FloatArray, g: float, a_full: float, t_full: float
+) -> tuple[BoolArray | None, int, float]:
+    """The verifier's Dinkelbach loop over candidate tokens (value `surv`, verification cost
+    `tau`, `ratio` = surv / tau): drop every token whose value per second is below the step's
+    goodput `g` until goodput stops rising. Returns the dropped set (None: nothing dropped),
+    its size and the step time after the drop."""
+    drop: BoolArray | None = None
+    n_drop = 0
+    t_r = t_full
+    for _ in range(16):
+        new_drop = ratio < g
+        n_new = int(np.count_nonzero(new_drop))
+        if n_new == n_drop:  # g only rises, so the dropped set only grows: same set
+            break
+        a_new = a_full - float(surv[new_drop].sum())
+        t_new = t_full - float(tau[new_drop].sum())
+        if a_new / t_new <= g:
+            break
+        drop, n_drop, t_r, g = new_drop, n_new, t_new, a_new / t_new
+    return drop, n_drop, t_r
+
+
 class AdaSpecPolicy:
     """The adaptive, SLO-aware speculative policy."""
 
@@ -558,20 +581,8 @@ class AdaSpecPolicy:
         surv = P[rows, cols]
         tau = vpt + vpc * (L[rows] + cols + 1.0)
         ratio = surv / tau
-        drop = np.zeros(ratio.shape[0], dtype=np.bool_)
-        n_drop = 0
-        t_r = t_full
-        for _ in range(16):
-            new_drop = ratio < g
-            n_new = int(np.count_nonzero(new_drop))
-            if n_new == n_drop:  # g only rises, so the dropped set only grows: same set
-                break
-            a_new = a_full - float(surv[new_drop].sum())
-            t_new = t_full - float(tau[new_drop].sum())
-            if a_new / t_new <= g:
-                break
-            drop, n_drop, t_r, g = new_drop, n_new, t_new, a_new / t_new
-        if not drop.any():
+        drop, _, t_r = _dinkelbach(ratio, surv, tau, g, a_full, t_full)
+        if drop is None:
             kept_sum = _row_sums(P, k)
             return self._verified(ctx, infeasible, lens, lens, P, st, t_r, kept_sum, 0, k)
         cut = np.bincount(rows[drop], minlength=b)
@@ -598,19 +609,7 @@ class AdaSpecPolicy:
         """The Dinkelbach loop of verify_lengths when every request drafted at most one token,
         on (B,) arrays (`ratio` is inf where nothing was drafted)."""
         surv = st.P[:, 0]
-        drop: BoolArray | None = None
-        n_drop = 0
-        t_r = t_full
-        for _ in range(16):
-            new_drop = ratio < g
-            n_new = int(np.count_nonzero(new_drop))
-            if n_new == n_drop:  # g only rises, so the dropped set only grows: same set
-                break
-            a_new = a_full - float(surv[new_drop].sum())
-            t_new = t_full - float(tau[new_drop].sum())
-            if a_new / t_new <= g:
-                break
-            drop, n_drop, t_r, g = new_drop, n_new, t_new, a_new / t_new
+        drop, n_drop, t_r = _dinkelbach(ratio, surv, tau, g, a_full, t_full)
         P = st.P[:, :1]
         kept_sum = surv.copy()
         if drop is None:
