@@ -52,7 +52,12 @@ from adaspec.contract import Policy, Profile
 from adaspec.metrics import EngineMetrics
 from adaspec.policy.base import SpecPolicy
 from adaspec.policy.factory import PolicySelector, StepLimits
-from adaspec.policy.prefill import DEFAULT_MAX_CHUNK, DEFAULT_MIN_CHUNK, plan_prefill
+from adaspec.policy.prefill import (
+    DEFAULT_MAX_CHUNK,
+    DEFAULT_MIN_CHUNK,
+    plain_step_s,
+    plan_prefill,
+)
 from adaspec.policy.time_model import StepTimePredictor, default_cpu_time_model
 from adaspec.policy_source import PolicySource
 
@@ -517,12 +522,8 @@ class LLMEngine:
         if not prefilling:
             return None
         b = len(decoding)
-        plain_s = 0.0
-        if b:
-            ctx = sum(len(r.seq.prompt_ids) + len(r.seq.output_ids) - 1 for r in decoding)
-            plain_s = self._prefill_times.verify(b, b, float(ctx))
-            if backend.has_draft:  # a step that does not draft runs a draft forward of its own
-                plain_s += self._prefill_times.draft_forward_fixed_s  # over the chunks
+        ctx = sum(len(r.seq.prompt_ids) + len(r.seq.output_ids) - 1 for r in decoding)
+        plain_s = plain_step_s(self._prefill_times, b, ctx, backend.has_draft)
         policy = self.live_policy
         plan = plan_prefill(
             self._prefill_times,

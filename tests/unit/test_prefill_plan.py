@@ -7,7 +7,7 @@ import math
 import pytest
 
 from adaspec.contract import StepTimeModel, TimeModel
-from adaspec.policy.prefill import chunk_ctx_work, plan_prefill
+from adaspec.policy.prefill import chunk_ctx_work, plain_step_s, plan_prefill
 from adaspec.policy.time_model import StepTimePredictor
 
 # prefill: 0.5 ms per prompt token and 0.01 ms per 1000 tokens of attention work
@@ -117,3 +117,13 @@ def test_bad_arguments_name_the_argument(kw: dict[str, object], name: str) -> No
     remaining, done = args.pop("remaining"), args.pop("done")
     with pytest.raises(ValueError, match=name):
         plan_prefill(TIMES, remaining, done, **args)  # type: ignore[arg-type]
+
+
+def test_plain_step_is_a_plain_verification_plus_the_chunks_draft_forward() -> None:
+    verify = TIMES.verify(3, 3, 600.0)
+    assert plain_step_s(TIMES, 3, 600.0, has_draft=False) == pytest.approx(verify)
+    assert plain_step_s(TIMES, 3, 600.0, has_draft=True) == pytest.approx(
+        verify + TIMES.draft_forward_fixed_s
+    )
+    assert TIMES.draft_forward_fixed_s > 0
+    assert plain_step_s(TIMES, 0, 0.0, has_draft=True) == 0.0  # nobody decodes: nobody waits

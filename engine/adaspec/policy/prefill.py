@@ -41,6 +41,19 @@ def chunk_ctx_work(done: int, n: int) -> float:
     return float(n) * done + n * (n + 1) / 2.0
 
 
+def plain_step_s(
+    times: StepTimePredictor, decode_rows: int, ctx_tokens: float, has_draft: bool
+) -> float:
+    """The step the chunks are sized against: a plain verification of the decoding rows (their
+    KV contexts summing to `ctx_tokens`), plus, with a draft model, the draft forward that puts
+    the chunks into the draft cache when nobody drafts. 0 with no decoding rows. The engine and
+    the simulator both plan with it, so they size chunks alike."""
+    if decode_rows <= 0:
+        return 0.0
+    t = times.verify(decode_rows, decode_rows, float(ctx_tokens))
+    return t + times.draft_forward_fixed_s if has_draft else t
+
+
 def plan_prefill(
     times: StepTimePredictor,
     remaining: Sequence[int],

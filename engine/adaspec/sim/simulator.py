@@ -43,6 +43,7 @@ from adaspec.policy.prefill import (
     DEFAULT_MAX_CHUNK,
     DEFAULT_MIN_CHUNK,
     chunk_ctx_work,
+    plain_step_s,
     plan_prefill,
 )
 from adaspec.policy.time_model import StepTimePredictor
@@ -268,11 +269,8 @@ def simulate(
         extra_pred = chunk_rows = chunk_tokens = chunk_work = 0.0
         backlog = 0
         if pf_idx:
-            plain_s = 0.0
-            if b:  # as the engine plans: a plain step, plus a draft forward over the chunks
-                plain_s = planner.verify(b, b, float(L.sum()))
-                if cfg.prefill_draft:
-                    plain_s += planner.draft_forward_fixed_s
+            # as the engine plans: a plain step, plus a draft forward over the chunks
+            plain_s = plain_step_s(planner, b, float(L.sum()) if b else 0.0, cfg.prefill_draft)
             plan = plan_prefill(
                 planner,
                 [int(prompt[r]) - d for r, d in zip(pf_idx, pf_done, strict=True)],
