@@ -32,8 +32,10 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import numpy as np
+from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from adaspec.contract import Policy, Profile, StepTimeModel, TimeModel
@@ -50,6 +52,16 @@ from adaspec.policy.time_model import StepTimePredictor
 from adaspec.sim.acceptance import AcceptanceModel, AcceptanceSampler
 from adaspec.sim.results import RequestRecord, StepLog, Summary, summarize
 from adaspec.sim.traces import Trace
+
+
+@runtime_checkable
+class ClairvoyantPolicy(Protocol):
+    """A simulator-only policy that is told the future: before each step's `start`, the
+    simulator calls `reveal(run_lens)` with, per running request, how many of its next draft
+    tokens the target would accept (capped at max_draft). No real engine can do this; it gives
+    an upper reference for what any drafting policy could reach on the same trace."""
+
+    def reveal(self, accept_run_lens: NDArray[np.int64]) -> None: ...
 
 
 class SimConfig(BaseModel):
@@ -220,6 +232,7 @@ def simulate(
     request_steps = proposed_total = verified_total = accepted_total = 0
     policy_wall = 0.0
     pc = time.perf_counter
+    reveal = policy.reveal if isinstance(policy, ClairvoyantPolicy) else None
 
     def draw(r: int) -> None:
         lo = int(base_of[r])
@@ -310,6 +323,11 @@ def simulate(
             onpath = np.ones(b, dtype=np.bool_)
             first_rej = np.full(b, K + 1, dtype=np.int64)
             pos0 = base_of[r_idx] + r_gen  # flat index of the next output token
+            if reveal is not None and K > 0:
+                # sim-only clairvoyance (adaspec.sim.oracle): each row's run of on-path
+                # acceptances from its next output position, capped at K
+                ahead = on_acc[pos0[:, None] + np.arange(K)]
+                reveal(np.cumprod(ahead, axis=1).sum(axis=1).astype(np.int64))
             t0 = pc()
             drafting = policy.start(ctx) if K > 0 else np.zeros(b, dtype=np.bool_)
             policy_s = pc() - t0
