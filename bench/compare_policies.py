@@ -10,6 +10,9 @@ threshold, AdaSpec — same trace, same seed, same engine build.
 windows, each replayed by every policy in a fresh server, order rotated per round. Defaults
 are small on purpose (CPU minutes: model load per server start plus ~16 short requests per
 policy). Prints a table, writes bench/results/compare_policies-<engine>-<trace>.json and .png.
+`--step-logs` (real) also has every server write its engine step log to
+bench/results/logs/steps-r<round>-<group>.jsonl; the JSON's `step_logs` lists the files and which
+policy each Policy generation served.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from replay.report import HEADERS, bar_plot, best_static, ratios, table_rows
 from replay.runs import (
     DEFAULT_POLICIES,
     PolicyRun,
+    StepLogIndex,
     add_prefill_args,
     check_kinds,
     real_runs,
@@ -64,6 +68,12 @@ def add_common(p: argparse.ArgumentParser) -> None:
         default=[],
         help="real: extra `adaspec serve` argument (repeat; e.g. --server-arg=--backend=scripted)",
     )
+    p.add_argument(
+        "--step-logs",
+        action="store_true",
+        help="real: each server writes `adaspec serve --step-log` to "
+        "bench/results/logs/steps-r<round>-<group>.jsonl (listed in the JSON's step_logs)",
+    )
     p.add_argument("--tag", default="", help="suffix of the output file names")
     add_trace_args(p)
 
@@ -73,6 +83,8 @@ def run_comparison(args: argparse.Namespace) -> tuple[dict[str, PolicyRun], dict
     check_kinds(kinds)
     budget = args.tpot_budget_ms or 0.9 * args.tpot_slo_ms
     trace = trace_from_args(args)
+    if args.step_logs and args.engine != "real":
+        raise ValueError("--step-logs needs --engine real (the simulator has no engine steps)")
     meta: dict[str, object] = {
         "engine": args.engine,
         "trace": args.trace,
@@ -121,6 +133,7 @@ def run_comparison(args: argparse.Namespace) -> tuple[dict[str, PolicyRun], dict
         meta["server_args"] = server_args
         meta["prefill_chunk_tokens"] = args.prefill_chunk_tokens
         meta["prefill_min_chunk"] = args.prefill_min_chunk
+        step_logs = StepLogIndex() if args.step_logs else None
         runs = real_runs(
             trace,
             kinds,
@@ -131,7 +144,10 @@ def run_comparison(args: argparse.Namespace) -> tuple[dict[str, PolicyRun], dict
             RESULTS / "logs",
             server_args,
             args.max_draft,
+            step_logs=step_logs,
         )
+        if step_logs is not None:
+            meta["step_logs"] = step_logs.to_json()
     return runs, meta
 
 

@@ -9,6 +9,11 @@ servers per round would dominate the CPU budget). Counters are differences aroun
 Machine drift therefore hits all policies equally. Per policy, the windows are laid end to end
 (each window's times shifted by the policy's time so far), so throughput and goodput are
 tokens over the time that policy actually served.
+
+With a `StepLogIndex`, every server also writes its engine step log (`adaspec serve --step-log`)
+to `<log_dir>/steps-r<round>-<group>.jsonl`; the index keeps the files and which policy kind each
+Policy generation served (generations are unique across the whole run), so the analysis can
+split a shared server's log by policy.
 """
 
 from __future__ import annotations
@@ -225,6 +230,21 @@ its policy file between windows (what the operator does in production); smartspe
 exist only as --spec-policy overrides and get their own server."""
 
 
+@dataclass
+class StepLogIndex:
+    """What real_runs' servers wrote with --step-log: the files, and generation → policy kind
+    (the benchmark's kind, e.g. "adaptive" or "smartspec", not the engine's policy name)."""
+
+    files: list[str] = field(default_factory=list)
+    generations: dict[int, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "files": list(self.files),
+            "generations": {str(g): k for g, k in sorted(self.generations.items())},
+        }
+
+
 def _groups(kinds: list[str], rotate: int) -> list[list[str]]:
     reload = [k for k in kinds if k in HOT_RELOAD or k.startswith("fixed-")]
     groups = ([reload] if reload else []) + [[k] for k in kinds if k not in reload]
@@ -254,10 +274,12 @@ def real_runs(
     server_args: list[str] | None = None,
     max_draft: int = 8,
     token_ids: bool = True,
+    step_logs: StepLogIndex | None = None,
 ) -> dict[str, PolicyRun]:
     """Interleaved real runs. Per round: off/fixed-K/adaptive share one server (policy file
     rewritten between windows, counters taken as differences), smartspec and threshold each get
-    a fresh server; the order of servers and of policies within a server rotates per round."""
+    a fresh server; the order of servers and of policies within a server rotates per round.
+    `step_logs`: give every server --step-log and record the files and generations there."""
     windows = split_trace(trace, rounds)
     records: dict[str, list[RequestRecord]] = {k: [] for k in kinds}
     counters: dict[str, dict[str, float]] = {k: dict.fromkeys(_COUNTERS, 0.0) for k in kinds}
@@ -272,14 +294,24 @@ def real_runs(
                 shared = len(group) > 1 or group[0] in HOT_RELOAD or group[0].startswith("fixed-")
                 generation += 1
                 pfile.write_text(_doc_json(group[0], slo_ms, budget_ms, max_draft, generation))
-                log = log_dir / f"serve-r{r}-{'reload' if shared else group[0]}.log"
+                name = "reload" if shared else group[0]
+                log = log_dir / f"serve-r{r}-{name}.log"
                 spec = None if shared else server_kind(group[0])
-                with EngineServer(spec, pfile, log, extra=server_args) as srv:
+                extra = list(server_args or [])
+                if step_logs is not None:
+                    steps = log_dir / f"steps-r{r}-{name}.jsonl"
+                    log_dir.mkdir(parents=True, exist_ok=True)
+                    extra += ["--step-log", str(steps)]
+                    step_logs.files.append(str(steps))
+                    step_logs.generations[generation] = group[0]
+                with EngineServer(spec, pfile, log, extra=extra) as srv:
                     for n, kind in enumerate(group):
                         if n:
                             generation += 1
                             doc = _doc_json(kind, slo_ms, budget_ms, max_draft, generation)
                             pfile.write_text(doc)
+                            if step_logs is not None:
+                                step_logs.generations[generation] = kind
                         asyncio.run(_wait_generation(srv.metrics_url, generation))
                         print(f"  round {r}: {kind} ({len(win)} requests)", flush=True)
                         before = asyncio.run(scrape_metrics(srv.metrics_url))

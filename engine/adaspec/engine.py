@@ -23,6 +23,10 @@ backend's slots before the next step (prefilling requests too). A failing `add` 
 requests included (they share the step's forwards; the backend cannot say which request broke
 it) — each consumer gets a final output with `error` set, nobody hangs. If the loop itself dies,
 every request is failed and the engine reports not ready.
+
+Step log (`step_log`, off by default): after every successful backend step the engine thread
+appends one record (adaspec.step_log) with the step's timings and counts; closed when the loop
+exits. Nothing is measured or built for it when it is off.
 """
 
 from __future__ import annotations
@@ -55,11 +59,13 @@ from adaspec.policy.factory import PolicySelector, StepLimits
 from adaspec.policy.prefill import (
     DEFAULT_MAX_CHUNK,
     DEFAULT_MIN_CHUNK,
+    chunk_ctx_work,
     plain_step_s,
     plan_prefill,
 )
 from adaspec.policy.time_model import StepTimePredictor, default_cpu_time_model
 from adaspec.policy_source import PolicySource
+from adaspec.step_log import StepLog, step_record
 
 log = logging.getLogger("adaspec.engine")
 
@@ -248,6 +254,7 @@ class LLMEngine:
         idle_wait_s: float = 0.05,
         prefill_chunk_tokens: int = DEFAULT_MAX_CHUNK,
         prefill_min_chunk: int = DEFAULT_MIN_CHUNK,
+        step_log: StepLog | None = None,
     ) -> None:
         if max_waiting < 1:
             raise ValueError("max_waiting must be >= 1")
@@ -264,6 +271,8 @@ class LLMEngine:
                 f"prefill_chunk_tokens ({prefill_chunk_tokens})"
             )
         self.backend = backend
+        self.step_log = step_log
+        """Written by the engine thread only; the engine closes it when its loop exits."""
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.prefill_min_chunk = prefill_min_chunk
         self._chunked: ChunkedPrefillBackend | None = (
@@ -442,6 +451,8 @@ class LLMEngine:
                 self._running.clear()
                 self._waiting.clear()
             self._update_gauges()
+            if self.step_log is not None:
+                self.step_log.close()
 
     def _apply_aborts(self) -> None:
         with self._lock:
@@ -549,11 +560,11 @@ class LLMEngine:
         decoding = [r for r in batch if not r.prefilling]
         prefilling = [r for r in batch if r.prefilling]
         chunks: PrefillChunks | None = None
+        spec, limits, live = self._spec, self._limits, self.live_policy
         t0 = time.monotonic()
         try:
             result: StepResult
             seqs = [r.seq for r in decoding]
-            spec, limits = self._spec, self._limits
             if self._chunked is not None:
                 chunks = self._plan_prefill(self._chunked, decoding, prefilling)
                 result = self._chunked.step(
@@ -571,6 +582,13 @@ class LLMEngine:
             return
         self.steps += 1
         now = time.monotonic()
+        work = 0.0
+        if self.step_log is not None and chunks is not None:  # before prefill_done moves on
+            work = sum(
+                chunk_ctx_work(r.prefill_done, chunks.tokens[r.id])
+                for r in prefilling
+                if r.id in chunks.tokens
+            )
         firsts: list[_Request] = []
         for req in prefilling:
             req.prefill_done += chunks.tokens.get(req.id, 0) if chunks is not None else 0
@@ -598,6 +616,22 @@ class LLMEngine:
             self.metrics.ttft.observe(now - req.arrival)
             self._deliver(req, toks)
         self._update_gauges()
+        if self.step_log is not None:
+            self.step_log.write(
+                step_record(
+                    result.stats,
+                    step=self.steps,
+                    t_start=t0,
+                    wall_s=now - t0,
+                    gap_s=self.step_log.gap_before(t0),
+                    policy=str(getattr(spec, "name", type(spec).__name__)),
+                    generation=live.generation if live is not None else None,
+                    prefill_rows=len(chunks.tokens) if chunks else 0,
+                    prefill_ctx_work=work,
+                    prefill_extra_pred_s=chunks.extra_s if chunks and chunks.tokens else 0.0,
+                    emitted=sum(len(t) for t in result.new_tokens.values()),
+                )
+            )
 
     # ------------------------------------------------------------------ per request
 

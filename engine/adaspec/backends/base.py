@@ -64,6 +64,19 @@ class StepStats:
     """Prompt tokens prefilled in this step (chunked prefill; 0 otherwise)."""
     prefill_done: int = 0
     """Requests whose prefill finished in this step (their first token is in new_tokens)."""
+    # Per-pass detail for the engine's step log (`adaspec serve --step-log`). A backend that
+    # cannot measure it leaves the defaults (empty lists, 0.0) rather than inventing numbers.
+    context_lens: list[int] = field(default_factory=list)
+    """Each decoding row's target context length at step start (as its StepContext has it)."""
+    draft_rows: list[int] = field(default_factory=list)
+    """Decoding rows drafting in each draft pass (one entry per pass)."""
+    draft_ctx: list[int] = field(default_factory=list)
+    """Per draft pass j: Σ over its drafting rows of (context length + j)."""
+    draft_pass_s: list[float] = field(default_factory=list)
+    """Per draft pass: wall time of its forward, token choice and bookkeeping (policy calls
+    excluded; pass 0 includes the prompt chunks' draft rows when it carries them)."""
+    policy_s: float = 0.0
+    """Time inside the policy's start / keep_drafting / verify_lengths / observe this step."""
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,9 @@ without restart (see adaspec.policy_source). Logs go to stderr.
 Chunked prefill (torch backend) is on by default: a new prompt is fed over the next steps in
 chunks of at most `--prefill-chunk-tokens`, sized so a step still fits the live policy's TPOT
 budget, instead of stalling every running request while it is prefilled whole.
+
+`--step-log PATH` (torch and scripted backends) writes one JSON line per engine step with its
+timings and counts (format: adaspec.step_log), to see where real step time goes.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from adaspec.policy_source import (
     PolicySource,
     default_policy,
 )
+from adaspec.step_log import StepLog
 
 log = logging.getLogger("adaspec.serve")
 
@@ -107,6 +111,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="seconds to let running requests finish on shutdown (default: 30)",
     )
     s.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    s.add_argument(
+        "--step-log",
+        type=Path,
+        help="write one JSON line per engine step (timings per draft pass, verification, "
+        "policy, gaps between steps; format adaspec.step_log v1) to this file, truncated at "
+        "startup; torch and scripted backends (default: off)",
+    )
 
     q = p.add_argument_group("policy")
     q.add_argument("--policy-file", type=Path, help="Policy JSON, watched and hot-reloaded")
@@ -173,7 +184,15 @@ def check_args(args: argparse.Namespace) -> str | None:
         return f"--tensor-parallel-size must be >= 1, got {args.tensor_parallel_size}"
     if args.backend != "vllm" and (args.tensor_parallel_size != 1 or args.vllm_config_only):
         return "--tensor-parallel-size and --vllm-config-only need --backend vllm"
+    if args.backend == "vllm" and getattr(args, "step_log", None) is not None:
+        return "--step-log needs --backend torch or scripted (vLLM runs its own step loop)"
     return None
+
+
+def open_step_log(args: argparse.Namespace) -> StepLog | None:
+    """The --step-log file opened for writing, or None; OSError says why it cannot be."""
+    path = getattr(args, "step_log", None)
+    return None if path is None else StepLog.open(path)
 
 
 def prefill_min_chunk(args: argparse.Namespace) -> int:
@@ -202,12 +221,21 @@ def load_profile_arg(path: Path | None) -> Profile | None:
     return load_profile(path)
 
 
-def make_loader(args: argparse.Namespace, profile: Profile | None, source: PolicySource) -> Any:
-    """The function that loads models and starts the engine (run in a thread at startup)."""
+def make_loader(
+    args: argparse.Namespace,
+    profile: Profile | None,
+    source: PolicySource,
+    step_log: StepLog | None = None,
+) -> Any:
+    """The function that loads models and starts the engine (run in a thread at startup).
+
+    `step_log`: the --step-log file as `run` opened it (the engine closes it when it stops);
+    without it, a --step-log in `args` is opened by the loader itself."""
     from adaspec.engine import LLMEngine
     from adaspec.server.app import ServerState
 
     def load(state: ServerState) -> None:
+        nonlocal step_log
         backend: Any
         if args.backend == "vllm":
             from adaspec.backends.vllm.serve import load_vllm_engine
@@ -230,6 +258,8 @@ def make_loader(args: argparse.Namespace, profile: Profile | None, source: Polic
             codec: Any = backend.codec
         else:
             backend, codec = load_torch_backend(args)
+        if step_log is None:
+            step_log = open_step_log(args)
         engine = LLMEngine(
             backend,
             codec,
@@ -240,7 +270,10 @@ def make_loader(args: argparse.Namespace, profile: Profile | None, source: Polic
             metrics=state.metrics,
             prefill_chunk_tokens=args.prefill_chunk_tokens,
             prefill_min_chunk=prefill_min_chunk(args),
+            step_log=step_log,
         )
+        if step_log is not None:
+            log.info("step log: one JSON line per engine step to %s", step_log.path)
         if engine.chunked_prefill:
             log.info(
                 "chunked prefill: at most %d prompt tokens per step, at least %d",
@@ -310,6 +343,20 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ContractError) as e:
         print(f"adaspec serve: --profile-file: {e}", file=sys.stderr)
         return 2
+    try:
+        step_log = open_step_log(args)
+    except OSError as e:
+        why = e.strerror or str(e)
+        print(f"adaspec serve: --step-log: cannot write {args.step_log}: {why}", file=sys.stderr)
+        return 2
+    try:
+        return _serve(args, profile, step_log)
+    finally:
+        if step_log is not None:
+            step_log.close()  # the engine closed it already unless it never started
+
+
+def _serve(args: argparse.Namespace, profile: Profile | None, step_log: StepLog | None) -> int:
     import uvicorn
 
     from adaspec.server.app import ServerState, create_app
@@ -317,7 +364,7 @@ def run(args: argparse.Namespace) -> int:
     source = build_policy_source(args)
     state = ServerState(model_name=served_name(args), drain_timeout_s=args.drain_timeout)
     servers: list[uvicorn.Server] = []
-    load_engine = make_loader(args, profile, source)
+    load_engine = make_loader(args, profile, source, step_log)
 
     def load(st: ServerState) -> None:
         try:

@@ -6,6 +6,8 @@ its confidence is ≥ `accept_threshold`. It drives the real SpecPolicy exactly 
 backend does (start → keep_drafting → verify_lengths → observe), so policy metrics are real.
 Timing is simulated by sleeping `draft_pass_s` per draft pass and `verify_s` per verification.
 Fault injection: set `fail_next_step` / `fail_next_add` to an exception instance.
+Its StepStats leave the per-pass step-log fields (context_lens, draft_rows, draft_ctx,
+draft_pass_s, policy_s) at their empty defaults: its timings are simulated, not measured.
 """
 
 from __future__ import annotations

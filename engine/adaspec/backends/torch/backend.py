@@ -29,6 +29,11 @@ Per-request draft cap (`SamplingParams.max_draft`): a row drafts while the polic
 it is under min(Policy K, its cap, room left in max_model_len); a row with cap 0 never drafts and
 so never verifies. The policy is only told what rows really did (`drafting`, `lens`).
 
+Step log detail (StepStats.draft_rows / draft_ctx / draft_pass_s / policy_s): each draft pass is
+timed from its forward to its bookkeeping, policy calls apart, so the engine's step log can set
+the real cost of a pass against the profiler's forward timings. Pass 0 also carries the prompt
+chunks' draft rows when the step drafts; without drafting that draft forward is in verify time.
+
 Host traffic: logits stay on the model's device. Greedy rows reduce there to (token, top-1
 probability) per draft pass and to argmax ids per verified position; sampled rows keep their
 q/p distributions there and move only the scalars the accept/reject decision reads.
@@ -281,6 +286,7 @@ class TorchBackend:
         B = len(rows)
         if B == 0 and not chunks:
             return StepResult({}, StepStats(0, 0, 0.0, 0.0, 0, 0, 0, None, []))
+        clock = time.perf_counter
         max_draft = max(0, int(max_draft)) if self.draft is not None and B > 0 else 0
         ctx_lens = np.array([self.target.length(r.t_slot) for r in rows], dtype=np.int64)
         room = self.max_model_len - (ctx_lens + 1)
@@ -301,35 +307,48 @@ class TorchBackend:
         lens = np.zeros(B, dtype=np.int64)
         drafts: list[list[int]] = [[] for _ in range(B)]
         q_probs: list[list[torch.Tensor]] = [[] for _ in range(B)]
+        # Per-pass detail for the step log: rows, Σ context and wall time of each draft pass;
+        # time spent inside the policy is kept apart (one clock pair per pass and policy call).
         draft_rows: list[int] = []
+        draft_ctx: list[int] = []
+        pass_s: list[float] = []
+        policy_s = 0.0
 
         # Draft tokens each row may have this step: its own cap, then the cache room left.
         limit = np.minimum(_draft_caps(rows, K), room)
-        t0 = time.perf_counter()
+        t0 = clock()
         drafting = np.zeros(B, dtype=np.bool_)
         if K > 0:
             drafting = np.asarray(policy.start(ctx), dtype=np.bool_) & (limit > 0)
+            policy_s += clock() - t0
         for j in range(K):
             if not drafting.any():
                 break
+            tp = clock()
             idx = np.flatnonzero(drafting)
             # The draft's copy of the prompt chunks rides along with pass 0.
             self._draft_pass(rows, idx, j, conf, drafts, q_probs, chunks if j == 0 else ())
             lens[drafting] += 1
-            draft_rows.append(int(drafting.sum()))
+            draft_rows.append(len(idx))
+            draft_ctx.append(int(ctx_lens[idx].sum()) + j * len(idx))
+            tq = clock()
+            pass_s.append(tq - tp)
             if j + 1 < K:
                 keep = np.asarray(policy.keep_drafting(ctx, conf, lens, drafting), dtype=np.bool_)
+                policy_s += clock() - tq
                 drafting = drafting & keep & (lens < limit)
-        draft_time = time.perf_counter() - t0
+        draft_time = clock() - t0
 
         decision: VerifyDecision | None = None
         verify = np.zeros(B, dtype=np.int64)
         if K > 0:  # also when nothing was drafted: the decision carries guard refusals and
             # infeasibility, which the metrics must see exactly when the guard refused to draft
+            tp = clock()
             decision = policy.verify_lengths(ctx, conf, lens)
+            policy_s += clock() - tp
             verify = np.clip(np.asarray(decision.lens, dtype=np.int64), 0, lens)
 
-        t1 = time.perf_counter()
+        t1 = clock()
         feeds = [[r.pending, *d[: int(v)]] for r, d, v in zip(rows, drafts, verify, strict=True)]
         # Only a prompt's last position needs logits: ask for as many trailing positions as
         # the longest verification row (chunk rows get that many too, a few wasted rows).
@@ -380,9 +399,10 @@ class TorchBackend:
                 first = next(best)[0] if p.gen is None else None
                 new_tokens[p.seq_id] = [self._finish_prefill(p, lg, first)]
                 finished += 1
-        verify_time = time.perf_counter() - t1
+        verify_time = clock() - t1
 
         if B > 0:
+            tp = clock()
             policy.observe(
                 StepOutcome(
                     conf=conf,
@@ -395,6 +415,7 @@ class TorchBackend:
                     prefill_extra_s=extra_s,
                 )
             )
+            policy_s += clock() - tp
         stats = StepStats(
             batch=B,
             draft_passes=len(draft_rows),
@@ -407,6 +428,11 @@ class TorchBackend:
             spec_lens=[int(v) for v in verify],
             prefill_tokens=sum(len(c) for _, c in chunks),
             prefill_done=finished,
+            context_lens=[int(c) for c in ctx_lens],
+            draft_rows=draft_rows,
+            draft_ctx=draft_ctx,
+            draft_pass_s=pass_s,
+            policy_s=policy_s,
         )
         return StepResult(new_tokens, stats)
 
