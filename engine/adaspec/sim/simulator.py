@@ -22,7 +22,10 @@ Times come from the Profile's TimeModel (the "truth"; prompts use `TimeModel.pre
 profile has it, else the verification model plus the draft model, as before it existed). The
 policy and the chunk planner get their own StepTimePredictor built from a profile, which may
 differ from the truth to test robustness. Each pass is optionally multiplied by log-normal
-noise. Confidences and acceptance come from an AcceptanceModel (adaspec.sim.acceptance). All
+noise. Engine time the profile does not see (`SimConfig.overhead`, an EngineOverhead fitted
+from real step logs by adaspec.sim.step_log) is added without noise to each draft pass,
+verification and step, and between steps (after the step's tokens are out, before the next step
+admits). Confidences and acceptance come from an AcceptanceModel (adaspec.sim.acceptance). All
 randomness is seeded: same inputs, same result.
 """
 
@@ -38,7 +41,7 @@ import numpy as np
 from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from adaspec.contract import Policy, Profile, StepTimeModel, TimeModel
+from adaspec.contract import Policy, Profile, TimeModel
 from adaspec.policy.base import SpecPolicy, StepContext, StepOutcome
 from adaspec.policy.factory import StepLimits, limits_for, make_policy
 from adaspec.policy.prefill import (
@@ -50,6 +53,15 @@ from adaspec.policy.prefill import (
 )
 from adaspec.policy.time_model import StepTimePredictor
 from adaspec.sim.acceptance import AcceptanceModel, AcceptanceSampler
+from adaspec.sim.overhead import EngineOverhead
+from adaspec.sim.pricing import (
+    chunk_extra_s,
+    draft_fixed_s,
+    draft_pass_s,
+    prompt_s,
+    verify_pass_s,
+    verify_work,
+)
 from adaspec.sim.results import RequestRecord, StepLog, Summary, summarize
 from adaspec.sim.traces import Trace
 
@@ -84,6 +96,12 @@ class SimConfig(BaseModel):
         ge=1,
         description="prompt tokens the oldest prefilling request gets per step even when the "
         "budget leaves no room",
+    )
+    overhead: EngineOverhead | None = Field(
+        default=None,
+        description="engine time the profile misses (adaspec.sim.step_log.fit_overhead), added "
+        "without noise to every draft pass, verification and step and between steps; None adds "
+        "nothing",
     )
     seed: int = 0
 
@@ -124,13 +142,6 @@ class SimResult:
         )
 
 
-def _secs(
-    m: StepTimeModel, rows: float, tokens: float, ctx_work: float, intercept: bool = True
-) -> float:
-    ms = (m.intercept_ms if intercept else 0.0) + m.per_row_ms * rows + m.per_token_ms * tokens
-    return (ms + m.per_ctx_ktoken_ms * ctx_work / 1000.0) / 1000.0
-
-
 class _Clock:
     """Step-time truth: the time model plus seeded multiplicative noise (mean 1)."""
 
@@ -146,21 +157,15 @@ class _Clock:
         return math.exp(self.sigma * float(self._rng.standard_normal()) - self.sigma**2 / 2)
 
     def draft(self, rows: float, ctx_work: float) -> float:
-        return _secs(self.model.draft, rows, rows, ctx_work) * self._noise()
+        return draft_pass_s(self.model, rows, ctx_work) * self._noise()
 
     def verify(self, rows: float, tokens: float, ctx_work: float, extra_s: float = 0.0) -> float:
         """A verification forward; `extra_s`: noiseless cost of prompt chunks riding along
         (one forward, so one noise draw for both)."""
-        return (_secs(self.model.verify, rows, tokens, ctx_work) + extra_s) * self._noise()
+        return (verify_pass_s(self.model, rows, tokens, ctx_work) + extra_s) * self._noise()
 
     def _prompt(self, rows: float, tokens: float, ctx_work: float, intercept: bool) -> float:
-        m = self.model
-        if m.prefill is not None:  # measured for target + draft together
-            return _secs(m.prefill, rows, tokens, ctx_work, intercept)
-        t = _secs(m.verify, rows, tokens, ctx_work, intercept)
-        if self.prefill_draft:
-            t += _secs(m.draft, rows, tokens, ctx_work, intercept)
-        return t
+        return prompt_s(self.model, rows, tokens, ctx_work, intercept, self.prefill_draft)
 
     def prefill(self, prompt: int) -> float:
         """A whole prompt in a pass of its own (unchunked admission)."""
@@ -173,12 +178,12 @@ class _Clock:
     def draft_fixed(self) -> float:
         """A draft forward's fixed cost: a step with prompt chunks that drafts nothing still
         runs the draft over the chunks (adaspec.backends.torch.backend)."""
-        return _secs(self.model.draft, 0, 0, 0) * self._noise()
+        return draft_fixed_s(self.model) * self._noise()
 
     def chunk_extra(self, rows: float, tokens: float, ctx_work: float) -> float:
         """What chunks add to a verification forward: the prompt cost without its intercept
         (noiseless; the forward's noise applies)."""
-        return self._prompt(rows, tokens, ctx_work, False) if tokens > 0 else 0.0
+        return chunk_extra_s(self.model, rows, tokens, ctx_work, self.prefill_draft)
 
 
 def simulate(
@@ -215,6 +220,7 @@ def simulate(
     sampler = AcceptanceSampler(acceptance, cfg.seed)
     clock = _Clock(time_model, cfg.noise_sigma, cfg.seed, cfg.prefill_draft)
     planner = planner_times or StepTimePredictor(time_model)
+    oh = cfg.overhead
 
     first_tok = np.full(n, np.nan)
     finish = np.full(n, np.nan)
@@ -307,6 +313,8 @@ def simulate(
         if b == 0:
             # ---- nothing decodes: the chunks are a prefill pass of their own
             step_s = clock.prefill_pass(chunk_rows, chunk_tokens, chunk_work) if chunks else 0.0
+            if oh is not None and chunks:
+                step_s += oh.in_step_s(0.0)
             lens = s = accepted = emitted = np.zeros(0, dtype=np.int64)
         else:
             # ---- one decoding step (prompt chunks ride along with its verification)
@@ -325,9 +333,11 @@ def simulate(
             pos0 = base_of[r_idx] + r_gen  # flat index of the next output token
             if reveal is not None and K > 0:
                 # sim-only clairvoyance (adaspec.sim.oracle): each row's run of on-path
-                # acceptances from its next output position, capped at K
+                # acceptances from its next output position, capped at K and at what it has left
                 ahead = on_acc[pos0[:, None] + np.arange(K)]
-                reveal(np.cumprod(ahead, axis=1).sum(axis=1).astype(np.int64))
+                run = np.cumprod(ahead, axis=1).sum(axis=1).astype(np.int64)
+                # drafts past a request's last token are never emitted
+                reveal(np.minimum(run, out_len[r_idx] - r_gen - 1))
             t0 = pc()
             drafting = policy.start(ctx) if K > 0 else np.zeros(b, dtype=np.bool_)
             policy_s = pc() - t0
@@ -343,7 +353,10 @@ def simulate(
                 first_rej[rows[rej]] = j
                 onpath[rows[rej]] = False
                 lens[rows] += 1
-                draft_s += clock.draft(float(rows.shape[0]), float((L[rows] + j).sum()))
+                n_rows = float(rows.shape[0])
+                draft_s += clock.draft(n_rows, float((L[rows] + j).sum()))
+                if oh is not None:
+                    draft_s += oh.draft_pass_s(n_rows)
                 t0 = pc()
                 drafting = drafting & policy.keep_drafting(ctx, conf, lens, drafting)
                 policy_s += pc() - t0
@@ -352,16 +365,15 @@ def simulate(
             policy_s += pc() - t0
             s = np.minimum(np.maximum(decision.lens.astype(np.int64), 0), lens)
             accepted = np.minimum(s, first_rej)
-            sf = s.astype(np.float64)
+            v_tokens, v_work = verify_work(s, L)
             verify_s = clock.verify(
-                float(b),
-                float(sf.sum() + b),
-                float(((sf + 1.0) * L + sf * (sf + 1.0) / 2.0).sum()),
-                clock.chunk_extra(chunk_rows, chunk_tokens, chunk_work),
+                float(b), v_tokens, v_work, clock.chunk_extra(chunk_rows, chunk_tokens, chunk_work)
             )
             if chunk_tokens and cfg.prefill_draft and not lens.any():
                 # no draft pass carried the draft's copy of the chunks: a forward of its own
                 verify_s += clock.draft_fixed()
+            if oh is not None:
+                verify_s += oh.verify_s(float(b), v_tokens)
             t0 = pc()
             policy.observe(
                 StepOutcome(
@@ -378,6 +390,8 @@ def simulate(
             policy_s += pc() - t0
             policy_wall += policy_s
             step_s = draft_s + verify_s + (policy_s if cfg.charge_policy_time else 0.0)
+            if oh is not None:
+                step_s += oh.in_step_s(float(b))
             remaining = out_len[r_idx] - r_gen
             emitted = np.minimum(accepted + 1, remaining)
             r_gen = r_gen + emitted
@@ -402,6 +416,7 @@ def simulate(
                 finish[r_idx[fin]] = now
                 done += int(fin.sum())
                 r_idx, r_gen = r_idx[~fin], r_gen[~fin]
+        firsts = 0
         if pf_idx:
             # ---- prompts whose last chunk was fed: first token now, decoding from next step
             joined: list[int] = []
@@ -413,6 +428,7 @@ def simulate(
                     still_done.append(d + c)
                     continue
                 first_tok[r] = now
+                firsts += 1
                 if out_len[r] <= 1:
                     finish[r] = now
                     done += 1
@@ -422,6 +438,10 @@ def simulate(
             if joined:
                 r_idx = np.concatenate((r_idx, np.asarray(joined, dtype=np.int64)))
                 r_gen = np.concatenate((r_gen, np.ones(len(joined), dtype=np.int64)))
+        if oh is not None:
+            # ---- the engine's work between steps: delivering this step's tokens (first tokens
+            # included), admitting, planning; the next step starts after it
+            now += oh.gap_s(float(b), float(int(emitted.sum()) + firsts))
 
     records = [
         RequestRecord(
