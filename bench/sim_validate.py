@@ -9,6 +9,12 @@ GPU-class profile as load grows, with the oracle best static K per window (regre
 `validate` rebuilds the measured run's scaled trace from its JSON (trace, scale, seed, rounds,
 max batch, SLO, prefill chunking; runs without `prefill_chunk_tokens` were whole-prompt) and
 simulates every measured policy the same way (fresh policy per window).
+With `--step-logs [FILE ...]` (the engine's `adaspec serve --step-log` files; none named: those
+the measured run lists) it also simulates each policy with the engine overhead the profile misses
+(adaspec.sim.step_log), fitted to the step records of the OTHER policies only (leave one policy
+out), so the check stays a prediction; errors with and without it side by side, and the JSON
+says which records fitted which policy's overhead. `--overhead FILE` uses one fixed
+EngineOverhead (e.g. from bench/step_times.py) for every policy instead.
 `production` replays the full AdaSpec windows (lengths paired from the source traces with the
 paper's caps) with `--profile` (default: the H200 ESTIMATE) at each load factor (arrivals
 compressed ×factor), runs every policy plus fixed K = 1…`--oracle-max-k`, and reports AdaSpec's
@@ -27,14 +33,24 @@ from typing import Any
 
 import numpy as np
 from _common import RESULTS, print_table, write_json
+from pydantic import ValidationError
 from replay.report import best_static
-from replay.runs import DEFAULT_POLICIES, PolicyRun, add_prefill_args, sim_config, sim_runs
+from replay.runs import (
+    DEFAULT_POLICIES,
+    PolicyRun,
+    add_prefill_args,
+    policy_doc,
+    sim_config,
+    sim_runs,
+)
 
 from adaspec.contract import Profile, StepTimeModel, TimeModel
 from adaspec.policy.prefill import DEFAULT_MIN_CHUNK
 from adaspec.sim import (
+    EngineOverhead,
     ScaleSpec,
     SimConfig,
+    Summary,
     TraceError,
     load_acceptance_model,
     load_builtin_profile,
@@ -43,8 +59,17 @@ from adaspec.sim import (
     scale_trace,
     windowed_goodput,
 )
+from adaspec.sim.oracle import run_clairvoyant
+from adaspec.sim.step_log import (
+    GROUPS,
+    StepLogError,
+    check_generations,
+    fit_leave_one_policy_out,
+    load_step_logs,
+)
 
 WINDOWS = ("adaspec-conv", "adaspec-code", "adaspec-mooncake")
+GROUP_FIELDS = [f for fields in GROUPS.values() for f in fields]
 
 
 def scaled_profile(profile: Profile, f: float) -> Profile:
@@ -71,6 +96,53 @@ def _err(sim: float, real: float) -> float:
     return sim / real - 1.0 if real else float("nan")
 
 
+def _overheads(
+    args: argparse.Namespace, m: dict[str, Any], profile: Profile, kinds: list[str], cfg: SimConfig
+) -> tuple[dict[str, EngineOverhead], dict[str, Any]] | None:
+    """Per policy, the engine overhead to simulate it with, and where it came from; None
+    without --overhead / --step-logs. From step logs each policy's overhead is fitted to the
+    OTHER policies' records only (leave one policy out), against the unscaled profile."""
+    if args.overhead:
+        try:
+            doc = json.loads(Path(args.overhead).read_text(encoding="utf-8"))
+            oh = EngineOverhead.model_validate(doc.get("overhead", doc))
+        except (json.JSONDecodeError, ValidationError, AttributeError) as e:
+            raise ValueError(f"--overhead {args.overhead}: not an EngineOverhead JSON: {e}") from e
+        return dict.fromkeys(kinds, oh), {"source": "file", "file": args.overhead}
+    if args.step_logs is None:
+        return None
+    files = list(args.step_logs) or list(m.get("step_logs", {}).get("files", []))
+    if not files:
+        raise ValueError(
+            "--step-logs: no files given and the measured run lists none (run compare_policies "
+            "--engine real --step-logs, or name the files)"
+        )
+    logs = load_step_logs(files)
+    for note in logs.notes:
+        print(note)
+    gens = {int(g): k for g, k in m.get("step_logs", {}).get("generations", {}).items()}
+    covered = check_generations(logs.steps, gens)
+    fits = fit_leave_one_policy_out(
+        logs.steps, profile.time_model, kinds, prefill_draft=cfg.prefill_draft
+    )
+    logged = sorted({s.kind for s in logs.steps})
+    print(f"step logs: {len(logs.steps)} records ({', '.join(logged)}) from {len(files)} files")
+    print_table(
+        ["policy", "fitted on", *GROUP_FIELDS],
+        [[k, ", ".join(f.source.records_by_policy),
+          *(getattr(f.overhead, c) for c in GROUP_FIELDS)] for k, f in fits.items()],
+    )  # fmt: skip
+    source = {
+        "source": "step_logs, leave one policy out",
+        "files": files,
+        "records": len(logs.steps),
+        "records_checked_against_generations": covered,
+        "logged_policies": logged,
+        "fits": {k: f.model_dump() for k, f in fits.items()},
+    }
+    return {k: f.overhead for k, f in fits.items()}, source
+
+
 def validate(args: argparse.Namespace) -> int:
     path = Path(args.measured)
     if not path.exists():
@@ -93,64 +165,101 @@ def validate(args: argparse.Namespace) -> int:
     )
     acceptance = load_acceptance_model(args.acceptance) if args.acceptance else None
     rounds = args.rounds or int(m.get("rounds", 1))
+    overheads = _overheads(args, m, profile, kinds, cfg)
 
-    def simulate_all(prof: Profile, which: list[str]) -> dict[str, PolicyRun]:
+    def simulate(prof: Profile, kind: str, oh: EngineOverhead | None) -> PolicyRun:
+        c = cfg if oh is None else cfg.model_copy(update={"overhead": oh})
         return sim_runs(
-            trace, prof, which, m["tpot_slo_ms"], m["tpot_budget_ms"], cfg,
+            trace, prof, [kind], m["tpot_slo_ms"], m["tpot_budget_ms"], c,
             acceptance=acceptance, max_draft=m["max_draft"], rounds=rounds,
-        )  # fmt: skip
+        )[kind]  # fmt: skip
 
-    scale = 1.0
-    if args.calibrate_on:
+    def calibrated(oh: EngineOverhead | None) -> tuple[Profile, float]:
         # one-point calibration: scale the whole time model so that the calibration policy's
         # simulated mean TPOT matches the measured one (a few fixed-point iterations; queueing
         # makes TPOT slightly non-linear in the scale). The other policies are predictions.
+        if not args.calibrate_on:
+            return profile, 1.0
         ref = m["policies"][args.calibrate_on]["summary"]["tpot_mean_ms"]
+        scale = 1.0
         for _ in range(4):
-            got = simulate_all(scaled_profile(profile, scale), [args.calibrate_on])
-            scale *= ref / got[args.calibrate_on].summary.tpot_mean_ms
-        profile = scaled_profile(profile, scale)
+            got = simulate(scaled_profile(profile, scale), args.calibrate_on, oh)
+            scale *= ref / got.summary.tpot_mean_ms
+        return scaled_profile(profile, scale), scale
+
+    prof, scale = calibrated(None)
+    if args.calibrate_on:
         print(f"time model scaled ×{scale:.3f} to match {args.calibrate_on}'s mean TPOT")
-    runs = simulate_all(profile, kinds)
+    runs = {k: simulate(prof, k, None) for k in kinds}
+    oh_runs: dict[str, PolicyRun] = {}
+    scale_oh = None
+    if overheads is not None:
+        oh_for = overheads[0]
+        prof_oh, scale_oh = calibrated(oh_for.get(args.calibrate_on or "", None))
+        if args.calibrate_on:
+            print(f"with overhead: time model scaled ×{scale_oh:.3f} to match {args.calibrate_on}")
+        oh_runs = {k: simulate(prof_oh, k, oh_for[k]) for k in kinds}
     rows, out = [], {}
     for k in kinds:
         real = m["policies"][k]["summary"]
-        sim = runs[k].summary
-        e_p90 = _err(sim.tpot_p90_ms, real["tpot_p90_ms"])
-        e_thr = _err(sim.throughput_tok_s, real["throughput_tok_s"])
-        e_mean = _err(sim.tpot_mean_ms, real["tpot_mean_ms"])
-        rows.append(
-            [k, real["tpot_p90_ms"], sim.tpot_p90_ms, e_p90, real["throughput_tok_s"],
-             sim.throughput_tok_s, e_thr, e_mean]
-        )  # fmt: skip
-        out[k] = {
-            "measured": real,
-            "simulated": sim.model_dump(),
-            "p90_tpot_error": e_p90,
-            "throughput_error": e_thr,
-            "mean_tpot_error": e_mean,
-        }
+        out[k] = _errors(real, runs[k].summary)
+        e = out[k]
+        row = [k, real["tpot_p90_ms"], e["simulated"]["tpot_p90_ms"], e["p90_tpot_error"],
+               real["throughput_tok_s"], e["simulated"]["throughput_tok_s"],
+               e["throughput_error"], e["mean_tpot_error"]]  # fmt: skip
+        if overheads is not None:
+            w = _errors(real, oh_runs[k].summary)
+            w["overhead"] = overheads[0][k].model_dump()
+            out[k]["with_overhead"] = w
+            row += [w["p90_tpot_error"], w["throughput_error"], w["mean_tpot_error"]]
+        rows.append(row)
     print(
         f"simulated ({args.profile}, prefill chunks {cfg.prefill_chunk_tokens or 'off'}) vs "
         f"measured ({path.name}); target |error| ≤ 10 %"
     )
-    print_table(
-        ["policy", "P90 meas", "P90 sim", "P90 err", "thr meas", "thr sim", "thr err", "mean err"],
-        rows,
-    )
+    headers = ["policy", "P90 meas", "P90 sim", "P90 err", "thr meas", "thr sim", "thr err",
+               "mean err"]  # fmt: skip
+    if overheads is not None:
+        headers += ["P90 err+oh", "thr err+oh", "mean err+oh"]
+    print_table(headers, rows)
     worst_p90 = max(abs(v["p90_tpot_error"]) for v in out.values())
     worst_thr = max(abs(v["throughput_error"]) for v in out.values())
     print(f"worst |error|: P90 TPOT {worst_p90:.1%}, throughput {worst_thr:.1%}")
-    p = write_json(
-        f"sim_validate-{m['trace']}",
-        {"measured_file": str(path), "profile": args.profile, "acceptance": args.acceptance,
-         "calibrated_on": args.calibrate_on, "time_scale": scale,
-         "prefill_chunk_tokens": cfg.prefill_chunk_tokens,
-         "prefill_min_chunk": cfg.prefill_min_chunk, "policies": out,
-         "worst_p90_tpot_error": worst_p90, "worst_throughput_error": worst_thr},
-    )  # fmt: skip
+    payload: dict[str, Any] = {
+        "measured_file": str(path), "profile": args.profile, "acceptance": args.acceptance,
+        "calibrated_on": args.calibrate_on, "time_scale": scale,
+        "prefill_chunk_tokens": cfg.prefill_chunk_tokens,
+        "prefill_min_chunk": cfg.prefill_min_chunk, "policies": out,
+        "worst_p90_tpot_error": worst_p90, "worst_throughput_error": worst_thr,
+    }  # fmt: skip
+    if overheads is not None:
+        w_p90 = max(abs(v["with_overhead"]["p90_tpot_error"]) for v in out.values())
+        w_thr = max(abs(v["with_overhead"]["throughput_error"]) for v in out.values())
+        print(f"with engine overhead: worst |error|: P90 TPOT {w_p90:.1%}, throughput {w_thr:.1%}")
+        payload |= {
+            "overhead": overheads[1],
+            "time_scale_with_overhead": scale_oh,
+            "worst_p90_tpot_error_with_overhead": w_p90,
+            "worst_throughput_error_with_overhead": w_thr,
+        }
+    if args.out:
+        p = Path(args.out)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps({"benchmark": "sim_validate", **payload}, indent=2) + "\n")
+    else:
+        p = write_json(f"sim_validate-{m['trace']}", payload)
     print(f"wrote {p}")
     return 0
+
+
+def _errors(real: dict[str, Any], sim: Summary) -> dict[str, Any]:
+    return {
+        "measured": real,
+        "simulated": sim.model_dump(),
+        "p90_tpot_error": _err(sim.tpot_p90_ms, real["tpot_p90_ms"]),
+        "throughput_error": _err(sim.throughput_tok_s, real["throughput_tok_s"]),
+        "mean_tpot_error": _err(sim.tpot_mean_ms, real["tpot_mean_ms"]),
+    }
 
 
 def production(args: argparse.Namespace) -> int:
@@ -175,6 +284,10 @@ def production(args: argparse.Namespace) -> int:
             t0 = time.monotonic()
             runs = sim_runs(tr, profile, all_kinds, args.tpot_slo_ms, budget, cfg, acceptance)
             sums = {k: r.summary for k, r in runs.items()}
+            if args.clairvoyant:  # the reference: knows every accepted run (adaspec.sim.oracle)
+                doc = policy_doc("adaptive", args.tpot_slo_ms, budget)
+                ref = run_clairvoyant(tr, profile, doc, acceptance, cfg)
+                sums["clairvoyant"] = ref.summary(slo_s)
             static = ["off", *oracle_ks]
             oracle_k = max(static, key=lambda k: sums[k].goodput_tok_s)
             horizon = max(tr.span_s, args.window_s)
@@ -207,8 +320,20 @@ def production(args: argparse.Namespace) -> int:
                 if "off" in sums:
                     res["adaptive_goodput_vs_off"] = ada.goodput_tok_s / sums["off"].goodput_tok_s
                     res["adaptive_p90_vs_off"] = ada.tpot_p90_ms / sums["off"].tpot_p90_ms
+                if "clairvoyant" in sums:
+                    cv = sums["clairvoyant"]
+                    res["adaptive_vs_clairvoyant"] = {
+                        "goodput": ada.goodput_tok_s / cv.goodput_tok_s,
+                        "tpot_mean": cv.tpot_mean_ms / ada.tpot_mean_ms,
+                        "tpot_p90": cv.tpot_p90_ms / ada.tpot_p90_ms,
+                    }
+            if "off" in sums:
+                # how much faster than plain decoding (the "× off" targets), per policy
+                res["off_mean_tpot_over"] = {
+                    k: sums["off"].tpot_mean_ms / s.tpot_mean_ms for k, s in sums.items()
+                }
             results[name][f"x{f:g}"] = res
-            for k in kinds:
+            for k in [*kinds, "clairvoyant"] if "clairvoyant" in sums else kinds:
                 s = sums[k]
                 table.append(
                     [name, f"x{f:g}", k, s.tpot_p90_ms, s.tpot_mean_ms, s.slo_attainment,
@@ -302,6 +427,20 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--measured", required=True)
     v.add_argument("--profile", default="cpu-qwen-coder-estimate")
     v.add_argument("--rounds", type=int, help="default: the measured run's")
+    src = v.add_mutually_exclusive_group()
+    src.add_argument(
+        "--step-logs",
+        nargs="*",
+        help="engine step logs (adaspec serve --step-log; none named: the measured run's): "
+        "each policy is also simulated with the engine overhead fitted to the OTHER policies' "
+        "step records (leave one policy out), errors side by side",
+    )
+    src.add_argument(
+        "--overhead",
+        help="EngineOverhead JSON (or bench/step_times.py output) to also simulate every policy "
+        "with",
+    )
+    v.add_argument("--out", help="result JSON path (default bench/results/sim_validate-*.json)")
     v.add_argument(
         "--calibrate-on",
         help="policy (e.g. off) whose measured mean TPOT sets one scale factor for the time "
@@ -319,11 +458,18 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--window-s", type=float, default=60.0)
     q.add_argument("--max-requests", type=int, help="first N requests only (smoke runs)")
     q.add_argument("--tag", default="")
+    q.add_argument(
+        "--clairvoyant",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run the clairvoyant drafter (adaspec.sim.oracle), the reference for what "
+        "any drafting policy could reach",
+    )
     add_prefill_args(q)
     args = p.parse_args(argv)
     try:
         return validate(args) if args.cmd == "validate" else production(args)
-    except (TraceError, FileNotFoundError, ValueError, KeyError) as e:
+    except (TraceError, StepLogError, FileNotFoundError, ValueError, KeyError) as e:
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
 

@@ -12,6 +12,8 @@ from adaspec.sim.acceptance import (
     cpu_pair_acceptance,
     load_acceptance_model,
 )
+from adaspec.sim.oracle import ClairvoyantDrafter, run_clairvoyant
+from adaspec.sim.overhead import EngineOverhead
 from adaspec.sim.profile_store import builtin_profiles, load_builtin_profile
 from adaspec.sim.results import RequestRecord, StepLog, Summary, summarize, windowed_goodput
 from adaspec.sim.simulator import (
@@ -21,6 +23,17 @@ from adaspec.sim.simulator import (
     policy_for,
     run_policy,
     simulate,
+)
+from adaspec.sim.step_log import (
+    LoggedStep,
+    OverheadFit,
+    StepLogError,
+    StepLogs,
+    StepRecord,
+    compare,
+    fit_leave_one_policy_out,
+    fit_overhead,
+    load_step_logs,
 )
 from adaspec.sim.traces import (
     KNOWN_TRACES,
@@ -38,22 +51,34 @@ __all__ = [
     "POLICY_KINDS",
     "AcceptanceModel",
     "AcceptanceSampler",
+    "ClairvoyantDrafter",
+    "EngineOverhead",
+    "LoggedStep",
+    "OverheadFit",
     "RequestRecord",
     "ScaleSpec",
     "SimConfig",
     "SimResult",
     "StepLog",
+    "StepLogError",
+    "StepLogs",
+    "StepRecord",
     "Summary",
     "Trace",
     "TraceError",
     "builtin_profiles",
+    "compare",
     "cpu_pair_acceptance",
+    "fit_leave_one_policy_out",
+    "fit_overhead",
     "load_acceptance_model",
     "load_builtin_profile",
+    "load_step_logs",
     "load_trace",
     "poisson_trace",
     "policy_for",
     "rate_scaled",
+    "run_clairvoyant",
     "run_policy",
     "scale_trace",
     "simulate",
