@@ -285,6 +285,8 @@ def test_fit_acceptance_recovers_a_known_model() -> None:
     )
     assert fit.request_sigma == pytest.approx(0.6, abs=0.1)
     assert fit.local_sigma == pytest.approx(0.4, abs=0.12)
+    # the correlation length is fitted too (repeated fits at this size: 18 ± 3)
+    assert 8.0 <= fit.local_len <= 32.0
     with pytest.raises(ValueError, match="no observations"):
         fit_acceptance([])
 

@@ -9,7 +9,9 @@ over the prompt chunk (logits of its last token only) and then the draft over it
 Acceptance: greedy speculative decoding of a fixed prompt set, drafting a fixed number of tokens
 per step and verifying them in one target pass; each drafted token up to and including the first
 mismatch gives one (draft top-1 probability, target agreed?) observation. Tokens after a
-mismatch are not observed, matching what the engine's online correction sees.
+mismatch are not observed, matching what the engine's online correction sees; their draft
+confidences are kept apart per step (`DraftStep.off_confidence`) for the simulator's
+off-path model.
 """
 
 from __future__ import annotations
@@ -240,6 +242,24 @@ def retime_slow_prefill_points(
     )
 
 
+@dataclass(frozen=True)
+class DraftStep:
+    """One row's drafts in one verification step.
+
+    `on_*`: the observed tokens (the accepted ones and the first rejected one), the same
+    observations `AcceptanceRun.confidence` / `.accepted` list. `off_confidence`: the draft's
+    confidence in the tokens it drafted *after* the first rejected one (they sit on a wrong
+    prefix, so the target never judges them); a policy that keeps drafting past a rejection
+    decides on these, which is why the simulator's off-path model is fitted from them.
+    """
+
+    request: int
+    """Index of the prompt in `measure_acceptance`'s `prompts`."""
+    on_confidence: tuple[float, ...]
+    on_accepted: tuple[bool, ...]
+    off_confidence: tuple[float, ...]
+
+
 @dataclass
 class AcceptanceRun:
     confidence: list[float] = field(default_factory=list)
@@ -248,10 +268,14 @@ class AcceptanceRun:
     emitted: int = 0
     outputs: list[list[int]] = field(default_factory=list)
     """Tokens generated per prompt (greedy target output; checks the cache bookkeeping)."""
+    steps: list[DraftStep] = field(default_factory=list)
+    """Every row's drafts of every step, in verification order (within one request: output
+    order, so a request's on-path observations concatenated are its `confidence` run)."""
 
 
 @dataclass
 class _Row:
+    request: int
     t_slot: int
     d_slot: int
     pending: int
@@ -276,8 +300,8 @@ def measure_acceptance(
     run = AcceptanceRun()
     rows: list[_Row] = []
     try:
-        for p in prompts:
-            rows.append(_Row(target.alloc(), draft.alloc(), p[-1], [p[-1]]))
+        for i, p in enumerate(prompts):
+            rows.append(_Row(i, target.alloc(), draft.alloc(), p[-1], [p[-1]]))
             target.forward([rows[-1].t_slot], [p[:-1]], last_n=0)
             draft.forward([rows[-1].d_slot], [p[:-1]], last_n=0)
             tick(0)
@@ -308,9 +332,17 @@ def measure_acceptance(
                 n = 0
                 while n < draft_len and d[n] == greedy[n]:
                     n += 1
-                for j in range(min(n + 1, draft_len)):
-                    run.confidence.append(c[j])
-                    run.accepted.append(j < n)
+                observed = min(n + 1, draft_len)
+                run.confidence.extend(c[:observed])
+                run.accepted.extend(j < n for j in range(observed))
+                run.steps.append(
+                    DraftStep(
+                        request=r.request,
+                        on_confidence=tuple(c[:observed]),
+                        on_accepted=tuple(j < n for j in range(observed)),
+                        off_confidence=tuple(c[observed:]),
+                    )
+                )
                 new = [*d[:n], greedy[n]]
                 # Target cache: keep pending + accepted drafts; the correction token is pending.
                 t_keep = target.length(r.t_slot) - (draft_len + 1) + 1 + n

@@ -6,8 +6,8 @@ of the text, not of the policy. The simulator therefore draws, per request, one 
 on-path (confidence, accepted) pairs indexed by output position, and every policy replays the
 same text (common random numbers: policy comparisons are not blurred by sampling noise).
 
-Model (documented assumptions; fit `request_sigma` / `local_sigma` from a measurement when one
-exists, see bench/measure_acceptance.py):
+Model (documented assumptions; fit every parameter from a measurement when one exists, see
+bench/measure_acceptance.py and adaspec.sim.fit):
   score_rp = a_r + b_rp + e_rp                  a_r ~ N(0, request_sigma²)    per-request difficulty
                                                 b_rp: smoothed noise, sd local_sigma, correlation
                                                       length `local_len` tokens (hard passages)
@@ -15,8 +15,14 @@ exists, see bench/measure_acceptance.py):
   conf_rp = F⁻¹(Φ(score_rp))                    F: the measured confidence histogram (marginal is
                                                    exactly the histogram; uniform inside a bin)
   accepted_rp ~ Bernoulli(accept_prob[bin(conf_rp)])   P(accept | confidence), measured
-Draft tokens after the first rejected one in a step sit on a wrong prefix: their confidence is
-drawn the same way with the score lowered by `offpath_shift` (they can never be accepted).
+Draft tokens after the first rejected one in a step sit on a wrong prefix (they can never be
+accepted): their confidence at position p is drawn the same way from the same latent a_r + b_rp
+with fresh independent noise and the score lowered by `offpath_shift`:
+  offconf_rp = F⁻¹(Φ(a_r + b_rp + e'_rp − offpath_shift))
+so an off-path run inherits the passage's difficulty and its step-to-step persistence
+(corr ≈ request_sigma² + local_sigma²·exp(−1/local_len)) but not the on-path token's own noise.
+The default shift (1.0) is a guess; measured on the CPU pair it is ≈ 0 (the draft is about as
+sure of its own continuation as of the true text), see fit_offpath_shift.
 Correlation within a request comes only through the confidence, so P(accept | conf) holds exactly.
 """
 
@@ -32,6 +38,9 @@ from adaspec.contract import AcceptanceCalibration
 
 FloatArray = NDArray[np.float64]
 BoolArray = NDArray[np.bool_]
+
+OFFPATH_SHIFT_RANGE = (-4.0, 4.0)
+"""Allowed offpath_shift (normal-score units): beyond ±4 every off-path draft sits in one tail."""
 
 
 def _erf(x: FloatArray) -> FloatArray:
@@ -61,7 +70,12 @@ class AcceptanceModel(BaseModel):
     request_sigma: float = Field(default=0.5, ge=0.0, lt=1.0)
     local_sigma: float = Field(default=0.5, ge=0.0, lt=1.0)
     local_len: float = Field(default=16.0, gt=0.0, description="tokens; correlation length")
-    offpath_shift: float = Field(default=1.0, ge=0.0)
+    offpath_shift: float = Field(
+        default=1.0,
+        ge=OFFPATH_SHIFT_RANGE[0],
+        le=OFFPATH_SHIFT_RANGE[1],
+        description="normal-score drop of off-path drafts (negative: more confident)",
+    )
     source: str = "unspecified"
 
     @model_validator(mode="after")
