@@ -35,9 +35,8 @@ Why it is only a *reference*, not a strict bound on every metric:
   always so in a large batch. When every request has n_i ≥ 1, a dearer set that raises the
   smallest s_i (and so the budget's room) is not searched. With a time model whose cost falls
   with context (a negative fitted slope) the cheapest-first order is only approximate.
-- It knows acceptance, not output lengths: a request about to finish may draft accepted tokens
-  it never emits (the simulator caps emitted tokens at what remains), unless the simulator caps
-  the revealed runs at what remains.
+- It knows acceptance and, through the simulator, output lengths: the revealed runs are capped
+  at what each request has left, so it never drafts a token that would not be emitted.
 - Its time model is the policy's (bias-corrected online), not the simulator's truth with noise.
 """
 
