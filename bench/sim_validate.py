@@ -15,6 +15,11 @@ the measured run lists) it also simulates each policy with the engine overhead t
 out), so the check stays a prediction; errors with and without it side by side, and the JSON
 says which records fitted which policy's overhead. `--overhead FILE` uses one fixed
 EngineOverhead (e.g. from bench/step_times.py) for every policy instead.
+With `--measured-text REPORT.json` (bench/measure_acceptance.py --replay of the same run's
+prompts, --report) the drafts are not drawn from the acceptance model but replayed from the
+texts the real pair decoded, request by request and position by position (the model fills what
+the measurement did not see), so the check compares timing and policy logic, not how hard a
+random text happens to be; the result JSON's `acceptance_source` says which was used.
 `production` replays the full AdaSpec windows (lengths paired from the source traces with the
 paper's caps) with `--profile` (default: the H200 ESTIMATE) at each load factor (arrivals
 compressed ×factor), runs every policy plus fixed K = 1…`--oracle-max-k`, and reports AdaSpec's
@@ -47,18 +52,22 @@ from replay.runs import (
 from adaspec.contract import Profile, StepTimeModel, TimeModel
 from adaspec.policy.prefill import DEFAULT_MIN_CHUNK
 from adaspec.sim import (
+    AcceptanceSource,
     EngineOverhead,
     ScaleSpec,
     SimConfig,
     Summary,
+    Trace,
     TraceError,
     load_acceptance_model,
     load_builtin_profile,
+    load_measured_acceptance,
     load_trace,
     rate_scaled,
     scale_trace,
     windowed_goodput,
 )
+from adaspec.sim.measured_text import measured_run_name
 from adaspec.sim.oracle import run_clairvoyant
 from adaspec.sim.step_log import (
     GROUPS,
@@ -143,6 +152,52 @@ def _overheads(
     return {k: f.overhead for k, f in fits.items()}, source
 
 
+def _acceptance_source(
+    args: argparse.Namespace, m: dict[str, Any], measured: Path, trace: Trace
+) -> tuple[AcceptanceSource | None, dict[str, Any]]:
+    """Where the simulated drafts come from, and what the result JSON says about it. With
+    --measured-text: the texts the real pair decoded (adaspec.sim.measured_text), the
+    --acceptance model (else the report's own fitted model) filling what was not measured."""
+    model = load_acceptance_model(args.acceptance) if args.acceptance else None
+    if not args.measured_text:
+        return model, {
+            "kind": "model",
+            "file": args.acceptance,
+            "source": model.source if model is not None else "profile calibration",
+        }
+    try:
+        text = load_measured_acceptance(args.measured_text, model)
+    except ValueError as e:
+        raise ValueError(f"--measured-text: {e}") from None
+    cov = text.coverage(trace.output_len)
+    run = measured_run_name(text)
+    if run is not None and run != measured.name:
+        print(
+            f"note: --measured-text was measured on the prompts of {run}, not of "
+            f"{measured.name}: valid only if both runs replayed the same scaled trace with the "
+            "same seed"
+        )
+    if text.draft_len is not None and text.draft_len < int(m["max_draft"]):
+        print(
+            f"note: --measured-text drafted {text.draft_len} per step, fewer than the run's "
+            f"max draft {m['max_draft']}: deeper off-path drafts come from the fallback"
+        )
+    print(
+        f"measured text: {cov['requests_measured']:.0f} of {cov['requests']:.0f} requests; "
+        f"decoded positions measured on path {cov['on_path_share']:.1%}, off path "
+        f"{cov['off_path_share']:.1%}; the rest from {text.fallback.source}"
+    )
+    return text, {
+        "kind": "measured_text",
+        "report": args.measured_text,
+        "source": text.source,
+        "draft_len": text.draft_len,
+        "fallback_file": args.acceptance,
+        "fallback_source": text.fallback.source,
+        "coverage": cov,
+    }
+
+
 def validate(args: argparse.Namespace) -> int:
     path = Path(args.measured)
     if not path.exists():
@@ -163,7 +218,7 @@ def validate(args: argparse.Namespace) -> int:
         prefill_chunk_tokens=int(m.get("prefill_chunk_tokens", 0)),
         prefill_min_chunk=int(m.get("prefill_min_chunk", DEFAULT_MIN_CHUNK)),
     )
-    acceptance = load_acceptance_model(args.acceptance) if args.acceptance else None
+    acceptance, acceptance_source = _acceptance_source(args, m, path, trace)
     rounds = args.rounds or int(m.get("rounds", 1))
     overheads = _overheads(args, m, profile, kinds, cfg)
 
@@ -214,7 +269,8 @@ def validate(args: argparse.Namespace) -> int:
             row += [w["p90_tpot_error"], w["throughput_error"], w["mean_tpot_error"]]
         rows.append(row)
     print(
-        f"simulated ({args.profile}, prefill chunks {cfg.prefill_chunk_tokens or 'off'}) vs "
+        f"simulated ({args.profile}, prefill chunks {cfg.prefill_chunk_tokens or 'off'}, "
+        f"drafts: {'measured text' if args.measured_text else 'acceptance model'}) vs "
         f"measured ({path.name}); target |error| ≤ 10 %"
     )
     headers = ["policy", "P90 meas", "P90 sim", "P90 err", "thr meas", "thr sim", "thr err",
@@ -227,7 +283,8 @@ def validate(args: argparse.Namespace) -> int:
     print(f"worst |error|: P90 TPOT {worst_p90:.1%}, throughput {worst_thr:.1%}")
     payload: dict[str, Any] = {
         "measured_file": str(path), "profile": args.profile, "acceptance": args.acceptance,
-        "calibrated_on": args.calibrate_on, "time_scale": scale,
+        "acceptance_source": acceptance_source, "calibrated_on": args.calibrate_on,
+        "time_scale": scale,
         "prefill_chunk_tokens": cfg.prefill_chunk_tokens,
         "prefill_min_chunk": cfg.prefill_min_chunk, "policies": out,
         "worst_p90_tpot_error": worst_p90, "worst_throughput_error": worst_thr,
@@ -441,6 +498,14 @@ def main(argv: list[str] | None = None) -> int:
         "with",
     )
     v.add_argument("--out", help="result JSON path (default bench/results/sim_validate-*.json)")
+    v.add_argument(
+        "--measured-text",
+        metavar="REPORT_JSON",
+        help="bench/measure_acceptance.py --replay report of the same run's prompts: simulate "
+        "the drafts the real pair made on the very texts the engine decoded "
+        "(adaspec.sim.measured_text) instead of drawing them from the acceptance model; "
+        "--acceptance (default: the report's fitted model) fills what was not measured",
+    )
     v.add_argument(
         "--calibrate-on",
         help="policy (e.g. off) whose measured mean TPOT sets one scale factor for the time "

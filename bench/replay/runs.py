@@ -31,7 +31,7 @@ import numpy as np
 from adaspec import metric_names as mn
 from adaspec.contract import Policy, Profile, SpecMode
 from adaspec.policy.prefill import DEFAULT_MAX_CHUNK, DEFAULT_MIN_CHUNK
-from adaspec.sim.acceptance import AcceptanceModel
+from adaspec.sim.acceptance import AcceptanceSource
 from adaspec.sim.results import RequestRecord, Summary, summarize
 from adaspec.sim.simulator import SimConfig, SimResult, run_policy
 from adaspec.sim.traces import Trace
@@ -156,12 +156,14 @@ def sim_runs(
     slo_ms: float,
     budget_ms: float,
     config: SimConfig,
-    acceptance: AcceptanceModel | None = None,
+    acceptance: AcceptanceSource | None = None,
     max_draft: int = 8,
     rounds: int = 1,
 ) -> dict[str, PolicyRun]:
     """Simulate each policy; with rounds > 1, mimic real_runs (fresh policy per window,
-    windows laid end to end) so simulated and measured numbers are computed the same way."""
+    windows laid end to end) so simulated and measured numbers are computed the same way.
+    Each window draws its requests' texts by their index in the whole trace (as real_runs
+    builds their prompts), so measured texts (adaspec.sim.MeasuredAcceptance) line up."""
     windows = split_trace(trace, rounds) if rounds > 1 else [trace]
     out: dict[str, PolicyRun] = {}
     for kind in kinds:
@@ -173,8 +175,12 @@ def sim_runs(
         c["policy_wall_s"] = 0.0
         clock = 0.0
         res: SimResult | None = None
+        first = config.request_offset  # global index of the window's first request
         for w, win in enumerate(windows):
-            cfg = config.model_copy(update={"seed": config.seed + 1000 * w})
+            cfg = config.model_copy(
+                update={"seed": config.seed + 1000 * w, "request_offset": first}
+            )
+            first += len(win)
             res = run_policy(kind, win, profile, doc, acceptance, cfg)
             records.extend(_shifted(res.requests, clock))
             clock = max(r.finish_s for r in records)

@@ -9,8 +9,17 @@ print(res.summary(tpot_slo_s=0.05))
 from adaspec.sim.acceptance import (
     AcceptanceModel,
     AcceptanceSampler,
+    AcceptanceSource,
+    PositionDraws,
+    RejectionKeyedDraws,
     cpu_pair_acceptance,
     load_acceptance_model,
+)
+from adaspec.sim.measured_text import (
+    MeasuredAcceptance,
+    MeasuredSampler,
+    MeasuredText,
+    load_measured_acceptance,
 )
 from adaspec.sim.oracle import ClairvoyantDrafter, run_clairvoyant
 from adaspec.sim.overhead import EngineOverhead
@@ -51,10 +60,16 @@ __all__ = [
     "POLICY_KINDS",
     "AcceptanceModel",
     "AcceptanceSampler",
+    "AcceptanceSource",
     "ClairvoyantDrafter",
     "EngineOverhead",
     "LoggedStep",
+    "MeasuredAcceptance",
+    "MeasuredSampler",
+    "MeasuredText",
     "OverheadFit",
+    "PositionDraws",
+    "RejectionKeyedDraws",
     "RequestRecord",
     "ScaleSpec",
     "SimConfig",
@@ -73,6 +88,7 @@ __all__ = [
     "fit_overhead",
     "load_acceptance_model",
     "load_builtin_profile",
+    "load_measured_acceptance",
     "load_step_logs",
     "load_trace",
     "poisson_trace",

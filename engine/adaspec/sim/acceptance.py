@@ -29,6 +29,7 @@ Correlation within a request comes only through the confidence, so P(accept | co
 from __future__ import annotations
 
 import math
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 from numpy.typing import NDArray
@@ -41,6 +42,36 @@ BoolArray = NDArray[np.bool_]
 
 OFFPATH_SHIFT_RANGE = (-4.0, 4.0)
 """Allowed offpath_shift (normal-score units): beyond ±4 every off-path draft sits in one tail."""
+
+
+class PositionDraws(Protocol):
+    """Per-request draft confidences and verdicts by output position (seeded, deterministic)."""
+
+    def draw(self, request_index: int, n: int) -> tuple[FloatArray, BoolArray, FloatArray]:
+        """(on-path confidence, on-path accepted, off-path confidence), each of length n, for
+        the request at `request_index` of the whole trace (not of a window of it)."""
+        ...
+
+
+@runtime_checkable
+class RejectionKeyedDraws(Protocol):
+    """Optional: off-path confidences keyed by where the step's first rejection was.
+
+    An off-path draft continues the draft's own wrong token, so its confidence depends on the
+    rejection position q and the depth after it, not on its position alone; a source that
+    knows them (measured texts) offers them here and the simulator prefers them."""
+
+    def offpath_after(self, request_index: int, n: int, depth: int) -> FloatArray:
+        """(n, depth): row q, column d−1 = confidence of the draft d positions after a rejected
+        draft at position q; NaN where unknown (the simulator then uses draw()'s value)."""
+        ...
+
+
+class AcceptanceSource(Protocol):
+    """What the simulator takes its drafts from: the statistical AcceptanceModel, or the
+    measured texts of a real run (adaspec.sim.measured_text.MeasuredAcceptance)."""
+
+    def sampler(self, seed: int) -> PositionDraws: ...
 
 
 def _erf(x: FloatArray) -> FloatArray:
@@ -113,6 +144,9 @@ class AcceptanceModel(BaseModel):
             source="profile calibration",
             **kw,
         )
+
+    def sampler(self, seed: int) -> AcceptanceSampler:
+        return AcceptanceSampler(self, seed)
 
     @property
     def mean_acceptance(self) -> float:

@@ -25,8 +25,12 @@ differ from the truth to test robustness. Each pass is optionally multiplied by 
 noise. Engine time the profile does not see (`SimConfig.overhead`, an EngineOverhead fitted
 from real step logs by adaspec.sim.step_log) is added without noise to each draft pass,
 verification and step, and between steps (after the step's tokens are out, before the next step
-admits). Confidences and acceptance come from an AcceptanceModel (adaspec.sim.acceptance). All
-randomness is seeded: same inputs, same result.
+admits). Confidences and acceptance come from an AcceptanceSource (adaspec.sim.acceptance): the
+statistical AcceptanceModel, or the measured texts of a real run
+(adaspec.sim.measured_text.MeasuredAcceptance), drawn per request by its index in the whole
+trace (`SimConfig.request_offset` + the index within the simulated window); a source that knows
+off-path confidences by where the step's first rejection was (RejectionKeyedDraws) is asked
+for those first. All randomness is seeded: same inputs, same result.
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ from adaspec.policy.prefill import (
     plan_prefill,
 )
 from adaspec.policy.time_model import StepTimePredictor
-from adaspec.sim.acceptance import AcceptanceModel, AcceptanceSampler
+from adaspec.sim.acceptance import AcceptanceModel, AcceptanceSource, RejectionKeyedDraws
 from adaspec.sim.overhead import EngineOverhead
 from adaspec.sim.pricing import (
     chunk_extra_s,
@@ -102,6 +106,13 @@ class SimConfig(BaseModel):
         description="engine time the profile misses (adaspec.sim.step_log.fit_overhead), added "
         "without noise to every draft pass, verification and step and between steps; None adds "
         "nothing",
+    )
+    request_offset: int = Field(
+        default=0,
+        ge=0,
+        description="index in the whole trace of the simulated trace's first request: a window "
+        "of a longer trace draws each request's text by its global index (the measured texts "
+        "are the whole trace's)",
     )
     seed: int = 0
 
@@ -191,7 +202,7 @@ def simulate(
     policy: SpecPolicy,
     limits: StepLimits,
     time_model: TimeModel,
-    acceptance: AcceptanceModel,
+    acceptance: AcceptanceSource,
     config: SimConfig | None = None,
     *,
     planner_times: StepTimePredictor | None = None,
@@ -217,7 +228,12 @@ def simulate(
     on_conf = np.zeros(total)
     on_acc = np.zeros(total, dtype=np.bool_)
     off_conf = np.zeros(total)
-    sampler = AcceptanceSampler(acceptance, cfg.seed)
+    sampler = acceptance.sampler(cfg.seed)
+    offset = cfg.request_offset
+    # off-path confidence by (first rejection q, depth) where the source knows it (measured
+    # texts): flat row of q, column depth − 1; NaN: use the position-keyed off_conf
+    keyed = sampler if isinstance(sampler, RejectionKeyedDraws) and K > 1 else None
+    off_after = np.full((total, K - 1), np.nan) if keyed is not None else None
     clock = _Clock(time_model, cfg.noise_sigma, cfg.seed, cfg.prefill_draft)
     planner = planner_times or StepTimePredictor(time_model)
     oh = cfg.overhead
@@ -242,9 +258,11 @@ def simulate(
 
     def draw(r: int) -> None:
         lo = int(base_of[r])
-        c_on, a_on, c_off = sampler.draw(r, int(span[r]))
+        c_on, a_on, c_off = sampler.draw(offset + r, int(span[r]))
         on_conf[lo : lo + span[r]], on_acc[lo : lo + span[r]] = c_on, a_on
         off_conf[lo : lo + span[r]] = c_off
+        if keyed is not None and off_after is not None:
+            off_after[lo : lo + span[r]] = keyed.offpath_after(offset + r, int(span[r]), K - 1)
 
     while done < n:
         while ai < n and arrival[ai] <= now:
@@ -349,6 +367,12 @@ def simulate(
                 p = pos0[rows] + j
                 ok_path = onpath[rows]
                 conf[rows, j] = np.where(ok_path, on_conf[p], off_conf[p])
+                if off_after is not None and not ok_path.all():
+                    off_rows = rows[~ok_path]
+                    at = first_rej[off_rows]  # the step's rejection, within the step
+                    v = off_after[pos0[off_rows] + at, j - at - 1]
+                    known = ~np.isnan(v)
+                    conf[off_rows[known], j] = v[known]
                 rej = ok_path & ~on_acc[p]
                 first_rej[rows[rej]] = j
                 onpath[rows[rej]] = False
@@ -493,17 +517,22 @@ def run_policy(
     trace: Trace,
     profile: Profile,
     doc: Policy,
-    acceptance: AcceptanceModel | None = None,
+    acceptance: AcceptanceSource | None = None,
     config: SimConfig | None = None,
     policy_profile: Profile | None = None,
 ) -> SimResult:
     """Simulate `trace` under policy `kind`; `profile` is the truth, `policy_profile` (default:
-    the same) is what the policy and the chunk planner believe. Chunks are sized against the
+    the same) is what the policy and the chunk planner believe; `acceptance` (default: the
+    profile's calibration) where the drafts come from. Chunks are sized against the
     document's `tpotBudgetMs` for every kind (the engine plans prefill the same way whatever
     the policy), so policies are compared on equal prefill."""
     believed = policy_profile or profile
     pol, lim = policy_for(kind, believed, doc)
-    acc = acceptance or AcceptanceModel.from_calibration(profile.calibration)
+    acc = (
+        acceptance
+        if acceptance is not None
+        else AcceptanceModel.from_calibration(profile.calibration)
+    )
     return simulate(
         trace,
         pol,
