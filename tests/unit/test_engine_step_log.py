@@ -303,7 +303,7 @@ def test_read_step_log_skips_a_torn_last_line(tmp_path: Path) -> None:
     assert list(json.loads(line)) == list(StepRecord.model_fields)  # keys in format order
     path.write_text(line + "\n" + line[: len(line) // 2])
     assert records(path) == [full]
-    assert 'torn last line' in read_step_log(path).notes[0]
+    assert "torn last line" in read_step_log(path).notes[0]
 
 
 def parse_serve(argv: list[str]) -> argparse.Namespace:
