@@ -16,7 +16,12 @@ import torch
 from adaspec.backends.torch.runner import ModelRunner
 from adaspec.backends.torch.tiny import noisy_copy, tiny_model
 from adaspec.profile.measure import measure_acceptance
-from adaspec.sim.acceptance import AcceptanceModel, AcceptanceSampler, load_acceptance_model
+from adaspec.sim.acceptance import (
+    OFFPATH_SHIFT_DEFAULT,
+    AcceptanceModel,
+    AcceptanceSampler,
+    load_acceptance_model,
+)
 from adaspec.sim.fit import (
     ObservedStep,
     fit_acceptance,
@@ -184,8 +189,8 @@ def test_zero_shift_off_path_marginal_is_the_histogram() -> None:
 
 
 def test_models_written_before_the_off_path_fit_still_load(tmp_path: Path) -> None:
-    """A model file as bench/measure_acceptance.py wrote it before (fixed shift 1.0) and one
-    with the field missing both load, with the old meaning."""
+    """A model file as bench/measure_acceptance.py wrote it before (fixed shift 1.0) loads with
+    its shift; one with the field missing gets the measured default."""
     old = (
         '{"bin_edges": [0.0, 0.5, 1.0], "conf_mass": [1.0, 3.0], "accept_prob": [0.4, 0.9], '
         '"request_sigma": 0.0, "local_sigma": 0.47, "local_len": 16.0, "offpath_shift": 1.0, '
@@ -197,7 +202,8 @@ def test_models_written_before_the_off_path_fit_still_load(tmp_path: Path) -> No
     (tmp_path / "bare.json").write_text(
         '{"bin_edges": [0.0, 1.0], "conf_mass": [1.0], "accept_prob": [0.8]}'
     )
-    assert load_acceptance_model(str(tmp_path / "bare.json")).offpath_shift == 1.0
+    bare = load_acceptance_model(str(tmp_path / "bare.json"))
+    assert bare.offpath_shift == OFFPATH_SHIFT_DEFAULT == 0.0
     (tmp_path / "bad.json").write_text(old.replace('"offpath_shift": 1.0', '"offpath_shift": 9'))
     with pytest.raises(ValueError, match="offpath_shift"):
         load_acceptance_model(str(tmp_path / "bad.json"))

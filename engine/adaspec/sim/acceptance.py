@@ -21,8 +21,9 @@ with fresh independent noise and the score lowered by `offpath_shift`:
   offconf_rp = F⁻¹(Φ(a_r + b_rp + e'_rp − offpath_shift))
 so an off-path run inherits the passage's difficulty and its step-to-step persistence
 (corr ≈ request_sigma² + local_sigma²·exp(−1/local_len)) but not the on-path token's own noise.
-The default shift (1.0) is a guess; measured on the CPU pair it is ≈ 0 (the draft is about as
-sure of its own continuation as of the true text), see fit_offpath_shift.
+The default shift (0) is the CPU pair's measured value (−0.03 ± 0.09: the draft is about as
+sure of its own continuation as of the true text; an earlier guess of 1.0 was far off), see
+fit_offpath_shift.
 Correlation within a request comes only through the confidence, so P(accept | conf) holds exactly.
 """
 
@@ -40,6 +41,9 @@ from adaspec.contract import AcceptanceCalibration
 FloatArray = NDArray[np.float64]
 BoolArray = NDArray[np.bool_]
 
+OFFPATH_SHIFT_DEFAULT = 0.0
+"""Used when no measurement gives one: measured on the CPU pair as −0.03 ± 0.09 (531 off-path
+drafts, bench/measure_acceptance.py); the guess of 1.0 it replaces was about 11σ off."""
 OFFPATH_SHIFT_RANGE = (-4.0, 4.0)
 """Allowed offpath_shift (normal-score units): beyond ±4 every off-path draft sits in one tail."""
 
@@ -102,7 +106,7 @@ class AcceptanceModel(BaseModel):
     local_sigma: float = Field(default=0.5, ge=0.0, lt=1.0)
     local_len: float = Field(default=16.0, gt=0.0, description="tokens; correlation length")
     offpath_shift: float = Field(
-        default=1.0,
+        default=OFFPATH_SHIFT_DEFAULT,
         ge=OFFPATH_SHIFT_RANGE[0],
         le=OFFPATH_SHIFT_RANGE[1],
         description="normal-score drop of off-path drafts (negative: more confident)",
