@@ -157,6 +157,12 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ContractError) as e:
         print(f"adaspec run-demo: --profile-file: {e}", file=sys.stderr)
         return 2
+    try:  # opened here so a bad path is a usage error, not a failed model load
+        step_log = serve_cli.open_step_log(args)  # the engine closes it; process exit otherwise
+    except OSError as e:
+        why = e.strerror or str(e)
+        print(f"adaspec run-demo: --step-log: cannot write {args.step_log}: {why}", file=sys.stderr)
+        return 2
     if args.backend == "torch":
         # Obtain the pair in the foreground so the progress bar is the first thing users see.
         from adaspec.models import ModelError, RichProgress, resolve_model
@@ -175,7 +181,9 @@ def run(args: argparse.Namespace) -> int:
     base = f"http://{args.host}:{args.port}"
     state = ServerState(model_name=serve_cli.served_name(args), drain_timeout_s=5.0)
     failed = threading.Event()
-    loader = serve_cli.make_loader(args, profile, serve_cli.build_policy_source(args))
+    loader = serve_cli.make_loader(
+        args, profile, serve_cli.build_policy_source(args), step_log=step_log
+    )
 
     def load(st: ServerState) -> None:
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 from adaspec.server.launch import free_port
 
@@ -57,3 +58,26 @@ def test_run_demo_rejects_bad_flags_with_a_message() -> None:
     )
     assert proc.returncode == 2
     assert "--max-batch must be >= 1" in proc.stderr
+
+
+def test_run_demo_rejects_an_unwritable_step_log_before_loading(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-dir" / "steps.jsonl"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "adaspec.cli",
+            "run-demo",
+            "--backend",
+            "scripted",
+            "--step-log",
+            str(missing),
+            "--exit-after-demo",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert f"--step-log: cannot write {missing}" in proc.stderr
+    assert "loading models" not in proc.stdout  # refused before the engine started
