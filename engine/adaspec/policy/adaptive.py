@@ -746,15 +746,10 @@ class AdaSpecPolicy:
             if outcome.prefill_extra_s > 0.0 and k == 0 and conf.shape[1] > 0:
                 pred_verify += self.times.draft_forward_fixed_s  # the chunks' own draft forward
         self._predicted = None
-        if outcome.prefill_extra_s > 0.0:
-            # The chunks' cost is split between draft pass 0 and the verification in a way the
-            # combined prefill model cannot separate. Take the draft passes as predicted (their
-            # bias is learnt on steps without chunks) and correct the verification bias (which
-            # also scales the prefill model) from the rest of the step.
-            observed = outcome.draft_time_s + outcome.verify_time_s
-            self.times.observe(0.0, 0.0, pred_verify, observed - pred_draft)
-            return
-        self.times.observe(pred_draft, outcome.draft_time_s, pred_verify, outcome.verify_time_s)
+        self.times.observe_step(
+            pred_draft, pred_verify, outcome.draft_time_s, outcome.verify_time_s,
+            outcome.prefill_extra_s,
+        )  # fmt: skip
 
     def predicted_plain_step_s(self, context_lens: IntArray) -> float:
         b = context_lens.shape[0]

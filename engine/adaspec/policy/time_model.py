@@ -161,6 +161,24 @@ class StepTimePredictor:
     def verify_per_ctx_s(self) -> float:
         return self.verify_scale * self._verify.cc
 
+    def observe_step(
+        self,
+        predicted_draft_s: float,
+        predicted_verify_s: float,
+        observed_draft_s: float,
+        observed_verify_s: float,
+        prefill_extra_s: float,
+    ) -> None:
+        """`observe` for a whole step. When prompt chunks rode along, their cost is split between
+        draft pass 0 and the verification in a way the combined prefill model cannot separate:
+        take the draft passes as predicted (their bias is learnt on steps without chunks) and
+        correct the verification bias (which also scales the prefill model) from the rest."""
+        if prefill_extra_s > 0.0:
+            observed = observed_draft_s + observed_verify_s
+            self.observe(0.0, 0.0, predicted_verify_s, observed - predicted_draft_s)
+            return
+        self.observe(predicted_draft_s, observed_draft_s, predicted_verify_s, observed_verify_s)
+
     def observe(
         self,
         predicted_draft_s: float,

@@ -126,11 +126,10 @@ class ClairvoyantDrafter:
         if pred is None or outcome.context_lens.shape[0] == 0:
             return
         _, pred_draft, pred_verify = pred
-        if outcome.prefill_extra_s > 0.0:
-            observed = outcome.draft_time_s + outcome.verify_time_s
-            self.times.observe(0.0, 0.0, pred_verify, observed - pred_draft)
-            return
-        self.times.observe(pred_draft, outcome.draft_time_s, pred_verify, outcome.verify_time_s)
+        self.times.observe_step(
+            pred_draft, pred_verify, outcome.draft_time_s, outcome.verify_time_s,
+            outcome.prefill_extra_s,
+        )  # fmt: skip
 
     # -- planning -------------------------------------------------------------------------
 
