@@ -11,8 +11,9 @@ windows, each replayed by every policy in a fresh server, order rotated per roun
 are small on purpose (CPU minutes: model load per server start plus ~16 short requests per
 policy). Prints a table, writes bench/results/compare_policies-<engine>-<trace>.json and .png.
 `--step-logs` (real) also has every server write its engine step log to
-bench/results/logs/steps-r<round>-<group>.jsonl; the JSON's `step_logs` lists the files and which
-policy each Policy generation served.
+bench/results/logs/<tag>/steps-r<round>-<group>.jsonl (server logs go there too, so runs with
+different tags keep theirs); the JSON's `step_logs` lists the files and which policy each
+Policy generation served.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def add_common(p: argparse.ArgumentParser) -> None:
         "--step-logs",
         action="store_true",
         help="real: each server writes `adaspec serve --step-log` to "
-        "bench/results/logs/steps-r<round>-<group>.jsonl (listed in the JSON's step_logs)",
+        "bench/results/logs/<tag>/steps-r<round>-<group>.jsonl (listed in the JSON's step_logs)",
     )
     p.add_argument("--tag", default="", help="suffix of the output file names")
     add_trace_args(p)
@@ -141,7 +142,7 @@ def run_comparison(args: argparse.Namespace) -> tuple[dict[str, PolicyRun], dict
             budget,
             args.rounds,
             builder,
-            RESULTS / "logs",
+            RESULTS / "logs" / (args.tag or "untagged"),
             server_args,
             args.max_draft,
             step_logs=step_logs,
