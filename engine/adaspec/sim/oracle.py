@@ -55,8 +55,8 @@ from adaspec.policy.base import (
 )
 from adaspec.policy.factory import limits_for
 from adaspec.policy.time_model import StepTimePredictor
-from adaspec.sim.acceptance import AcceptanceModel
-from adaspec.sim.simulator import SimConfig, SimResult, simulate
+from adaspec.sim.acceptance import AcceptanceSource
+from adaspec.sim.simulator import SimConfig, SimResult, run_with_policy
 from adaspec.sim.traces import Trace
 
 
@@ -236,7 +236,7 @@ def run_clairvoyant(
     trace: Trace,
     profile: Profile,
     doc: Policy,
-    acceptance: AcceptanceModel | None = None,
+    acceptance: AcceptanceSource | None = None,
     config: SimConfig | None = None,
     policy_profile: Profile | None = None,
     yield_to_admission: bool = True,
@@ -246,14 +246,6 @@ def run_clairvoyant(
     `profile` is the truth, `policy_profile` (default: the same) what the drafter and the
     planner believe."""
     believed = policy_profile or profile
-    acc = acceptance or AcceptanceModel.from_calibration(profile.calibration)
-    return simulate(
-        trace,
-        ClairvoyantDrafter(StepTimePredictor(believed.time_model), yield_to_admission),
-        limits_for(doc, "adaptive"),
-        profile.time_model,
-        acc,
-        config,
-        planner_times=StepTimePredictor(believed.time_model),
-        prefill_budget_s=doc.tpot_budget_ms / 1000.0,
-    )
+    drafter = ClairvoyantDrafter(StepTimePredictor(believed.time_model), yield_to_admission)
+    limits = limits_for(doc, "adaptive")
+    return run_with_policy(drafter, limits, trace, profile, doc, acceptance, config, believed)

@@ -526,8 +526,23 @@ def run_policy(
     profile's calibration) where the drafts come from. Chunks are sized against the
     document's `tpotBudgetMs` for every kind (the engine plans prefill the same way whatever
     the policy), so policies are compared on equal prefill."""
+    pol, lim = policy_for(kind, policy_profile or profile, doc)
+    return run_with_policy(pol, lim, trace, profile, doc, acceptance, config, policy_profile)
+
+
+def run_with_policy(
+    policy: SpecPolicy,
+    limits: StepLimits,
+    trace: Trace,
+    profile: Profile,
+    doc: Policy,
+    acceptance: AcceptanceSource | None = None,
+    config: SimConfig | None = None,
+    policy_profile: Profile | None = None,
+) -> SimResult:
+    """`run_policy` for a policy instance built elsewhere (e.g. adaspec.sim.oracle): the same
+    truth, chunk planner, TPOT budget for chunks and default acceptance."""
     believed = policy_profile or profile
-    pol, lim = policy_for(kind, believed, doc)
     acc = (
         acceptance
         if acceptance is not None
@@ -535,8 +550,8 @@ def run_policy(
     )
     return simulate(
         trace,
-        pol,
-        lim,
+        policy,
+        limits,
         profile.time_model,
         acc,
         config,
