@@ -92,12 +92,22 @@ def test_sim_validate_production_and_validate(cleanup: list[Path], tmp_path: Pat
     _run(
         "sim_validate.py", "production", "--traces", "adaspec-code", "--loads", "1,4",
         "--max-requests", "30", "--policies", "off,fixed-1,adaptive", "--oracle-max-k", "2",
-        f"--tag={TAG}",
+        f"--tag={TAG}", "--window-s", "4",
     )  # fmt: skip
     data = json.loads((RESULTS / f"{name}.json").read_text())
     res = data["traces"]["adaspec-code"]["x4"]
     assert res["oracle_static"] in {"off", "fixed-1", "fixed-2"}
     assert 0.0 < res["adaptive_vs_oracle"] <= 1.5
+    # every request is replayed in exactly one slice, each slice against its own best static K
+    sl = res["slices"]
+    assert len(sl["slices"]) > 1
+    assert sum(r["requests"] for r in sl["slices"]) == 30
+    assert all(r["best_static"] in {"off", "fixed-1", "fixed-2"} for r in sl["slices"])
+    ratios = [r["adaptive_vs_best"] for r in sl["slices"]]
+    assert (
+        sl["adaptive_vs_best_min"] == min(ratios)
+        and 0.0 < min(ratios) <= sl["adaptive_vs_best_mean"]
+    )
     assert (data["prefill_chunk_tokens"], data["prefill_min_chunk"]) == (512, 32)
 
     # validate against a "measured" file: a sim run of the same scaled trace must match itself.
