@@ -24,7 +24,7 @@ from adaspec.sim.measured_text import (
 from adaspec.sim.oracle import ClairvoyantDrafter, run_clairvoyant
 from adaspec.sim.overhead import EngineOverhead
 from adaspec.sim.profile_store import builtin_profiles, load_builtin_profile
-from adaspec.sim.results import RequestRecord, StepLog, Summary, summarize, windowed_goodput
+from adaspec.sim.results import RequestRecord, StepLog, Summary, summarize
 from adaspec.sim.simulator import (
     POLICY_KINDS,
     SimConfig,
@@ -99,5 +99,4 @@ __all__ = [
     "scale_trace",
     "simulate",
     "summarize",
-    "windowed_goodput",
 ]

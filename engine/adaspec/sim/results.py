@@ -147,20 +147,3 @@ def summarize(
         steps=steps,
         mean_batch=(request_steps / steps) if request_steps is not None and steps else None,
     )
-
-
-def windowed_goodput(
-    records: list[RequestRecord], tpot_slo_s: float, window_s: float, horizon_s: float
-) -> NDArray[np.float64]:
-    """Goodput (tokens/s of SLO-meeting requests) per arrival window [k·w, (k+1)·w).
-
-    Requests are attributed to the window they *arrived* in, so runs of different policies on the
-    same trace are comparable window by window (the oracle static K picks the best per window).
-    """
-    n = max(1, int(np.ceil(horizon_s / window_s)))
-    out = np.zeros(n, dtype=np.float64)
-    for r in records:
-        t = r.tpot_s
-        if t is None or t <= tpot_slo_s:
-            out[min(int(r.arrival_s // window_s), n - 1)] += r.output_len
-    return out / window_s
