@@ -373,3 +373,60 @@ def test_bias_correction_counts_the_chunks_of_a_step(slowdown: float) -> None:
         )
     assert policy.times.verify_scale == pytest.approx(slowdown, rel=0.02)
     assert policy.times.draft_scale == pytest.approx(slowdown, rel=0.02)
+
+
+# -- prefill credit: while prompt tokens wait for later steps, drafting must also pay for the
+# admission it delays (module docstring)
+
+
+def _with_backlog(ctx: StepContext, backlog: int) -> StepContext:
+    return StepContext(
+        context_lens=ctx.context_lens,
+        max_draft=ctx.max_draft,
+        budget_s=ctx.budget_s,
+        prefill_extra_s=ctx.prefill_extra_s,
+        prefill_backlog_tokens=backlog,
+    )
+
+
+@settings(max_examples=150, deadline=None)
+@given(step_inputs())
+def test_a_prefill_backlog_never_makes_the_drafter_draft_more(
+    inp: tuple[StepContext, np.ndarray],
+) -> None:
+    ctx, conf = inp
+    _, free = run_drafting(_policy(), _with_backlog(ctx, 0), conf)
+    _, paced = run_drafting(_policy(), _with_backlog(ctx, 1000), conf)
+    assert int(paced.sum()) <= int(free.sum())
+
+
+def test_the_prefill_credit_stops_drafts_that_only_pay_when_admission_is_free() -> None:
+    rng = np.random.default_rng(3)
+    b, k = 32, 6
+    base = StepContext(
+        context_lens=rng.integers(200, 1500, size=b), max_draft=k, budget_s=None,
+        prefill_extra_s=0.02,  # a chunk as long as a plain step of this batch
+    )  # fmt: skip
+    conf = np.full((b, k), 0.7)  # the third draft pays only if the chunk's time is free
+    _, free = run_drafting(_policy(), base, conf)
+    _, paced = run_drafting(_policy(), _with_backlog(base, 4096), conf)
+    assert int(free.sum()) > 0
+    assert int(paced.sum()) < int(free.sum())
+    # no credit: the backlog changes nothing
+    no_credit = AdaSpecPolicy(
+        StepTimePredictor(GPU_LIKE), AcceptanceCalibrator.identity(), prefill_credit=0.0
+    )
+    _, same = run_drafting(no_credit, _with_backlog(base, 4096), conf)
+    assert np.array_equal(same, free)
+
+
+def test_prefill_credit_tokens_is_plain_decoding_output_in_the_chunks_time() -> None:
+    from adaspec.policy.adaptive import prefill_credit_tokens
+
+    ctx = StepContext(context_lens=np.full(4, 100), max_draft=4, prefill_backlog_tokens=10)
+    # 4 rows, plain step 20 ms, chunks 10 ms: plain decoding emits 2 tokens in that time
+    assert prefill_credit_tokens(0.5, ctx, 0.010, 0.020) == pytest.approx(1.0)
+    assert prefill_credit_tokens(0.5, _with_backlog(ctx, 0), 0.010, 0.020) == 0.0
+    assert prefill_credit_tokens(0.5, ctx, 0.0, 0.020) == 0.0
+    with pytest.raises(ValueError, match="prefill_credit"):
+        AdaSpecPolicy(prefill_credit=1.5)

@@ -17,7 +17,9 @@ max_draft). It then plans the step exactly, with the time model the policy belie
 - Goodput and the guard treat prompt chunks as AdaSpec does (adaspec.policy.adaptive): their
   predicted cost `ctx.prefill_extra_s` counts in every time held against the budget but not in
   the goodput maximised (the prompt costs the same however much is drafted), except for the
-  draft forward of their own that a step which drafts nothing needs. Like AdaSpec it does not
+  draft forward of their own that a step which drafts nothing needs. Like AdaSpec it credits
+  the chunks with `prefill_credit` × what plain decoding would emit in their time while a
+  prompt backlog remains (the goodput becomes (B + credit + Σ s_i) ÷ T), and it does not
   draft while the engine is saturated (prompt backlog *and* requests waiting for admission;
   `yield_to_admission`), and it applies the same online bias correction to its time model, so
   AdaSpec ÷ clairvoyant measures what knowing the acceptances is worth, objective held equal.
@@ -45,6 +47,7 @@ from __future__ import annotations
 import numpy as np
 
 from adaspec.contract import Policy, Profile
+from adaspec.policy.adaptive import DEFAULT_PREFILL_CREDIT, prefill_credit_tokens
 from adaspec.policy.base import (
     BoolArray,
     FloatArray,
@@ -65,9 +68,15 @@ class ClairvoyantDrafter:
 
     name = "clairvoyant"
 
-    def __init__(self, times: StepTimePredictor, yield_to_admission: bool = True) -> None:
+    def __init__(
+        self,
+        times: StepTimePredictor,
+        yield_to_admission: bool = True,
+        prefill_credit: float = DEFAULT_PREFILL_CREDIT,
+    ) -> None:
         self.times = times
         self.yield_to_admission = yield_to_admission
+        self.prefill_credit = prefill_credit
         self._revealed: IntArray | None = None
         self._plan: IntArray | None = None
         self._predicted: tuple[IntArray, float, float] | None = None
@@ -182,7 +191,10 @@ class ClairvoyantDrafter:
         in_d = cols[None, :] < np.arange(1, k + 1)[:, None]  # (D-1, m): token usable with D
         n_tok = np.cumsum(in_d, axis=1)
         t_dec = fixed[1:, None] + np.cumsum(np.where(in_d, cost[None, :], 0.0), axis=1)
-        good = (b + n_tok) / t_dec
+        extra = ctx.prefill_extra_s * self.times.verify_scale
+        plain = self.times.verify(b, float(b), float(ctx.context_lens.sum()))
+        credit = prefill_credit_tokens(self.prefill_credit, ctx, extra, plain)
+        good = (b + credit + n_tok) / t_dec
         if ctx.budget_s is not None:
             # the guard: worst (T + chunks) / (s_i + 1) within max(budget, plain). min_i s_i
             # reaches c once every request's c-th draft is in (never if some run_i < c)
@@ -191,12 +203,11 @@ class ClairvoyantDrafter:
             reach = pos.max(axis=0)  # (k,)
             got = reach[None, :] <= np.arange(m)[:, None]  # (m, c): min s ≥ c+1 at prefix q
             min_s = np.cumsum(got, axis=1).T  # (c, m): Σ_{c' ≤ c}: min s at prefix q, D = c+1
-            extra = ctx.prefill_extra_s * self.times.verify_scale
             bound = max(ctx.budget_s, float(fixed[0]) + extra)
             good = np.where((t_dec + extra) <= bound * (1.0 + min_s), good, -np.inf)
         best = int(np.argmax(good))  # ties: the fewest passes, then the fewest drafts
         d, q = divmod(best, m)
-        if not good.flat[best] > b / float(fixed[0]):  # plain decoding, always admitted
+        if not good.flat[best] > (b + credit) / float(fixed[0]):  # plain: always admitted
             return np.zeros(b, dtype=np.int64)
         take = np.zeros(b, dtype=np.int64)
         sel = cols[: q + 1] <= d  # tokens usable with d + 1 passes
