@@ -290,7 +290,7 @@ class AdaSpecPolicy:
         st.budget = ctx.budget_s
         st.infeasible = st.budget is not None and base + plain_prefill > st.budget
         t_cur = base + (plain_prefill - extra)
-        st.credit = self._credit(ctx, extra, base)
+        st.credit = prefill_credit_tokens(self._prefill_credit, ctx, extra, base)
         gain = np.full(b, self.cal.mean_rate)  # P_last (= 1) × the rate
         # (E is all ones: its sum is b and its minimum 1)
         return self._pick(st, None, gain, st.L, base, t_cur, float(b), extra, 1.0)
@@ -298,9 +298,6 @@ class AdaSpecPolicy:
     def _set_budget(self, st: _StepState, ctx: StepContext) -> None:
         st.budget = ctx.budget_s if ctx.batch else None
         st.infeasible = st.budget is not None and self.plain_step_s(ctx) > st.budget
-
-    def _credit(self, ctx: StepContext, extra: float, plain_s: float) -> float:
-        return prefill_credit_tokens(self._prefill_credit, ctx, extra, plain_s)
 
     def _prefill_s(self, ctx: StepContext) -> float:
         """The chunks' share of the step's forwards, bias-corrected like every prediction."""
@@ -350,8 +347,11 @@ class AdaSpecPolicy:
             return st
         st = _StepState.build(ctx, conf, lens, self.cal, self.times)
         self._set_budget(st, ctx)
-        st.credit = self._credit(
-            ctx, self._prefill_s(ctx), self.predicted_plain_step_s(ctx.context_lens)
+        st.credit = prefill_credit_tokens(
+            self._prefill_credit,
+            ctx,
+            self._prefill_s(ctx),
+            self.predicted_plain_step_s(ctx.context_lens),
         )
         self._state = st
         return st

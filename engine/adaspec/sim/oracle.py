@@ -180,7 +180,8 @@ class ClairvoyantDrafter:
         b, k = ctx.batch, int(run.max()) if run.size else 0
         if k == 0:
             return np.zeros(b, dtype=np.int64)
-        tok, fixed = self._costs(ctx, k)
+        plain = self.times.verify(b, float(b), float(ctx.context_lens.sum()))
+        tok, fixed = self._costs(ctx, k, plain)
         rows, cols = np.nonzero(np.arange(k)[None, :] < run[:, None])
         # order by cost (made non-decreasing along each request, ties by position) so that
         # every prefix of the order takes a prefix of each request's drafts
@@ -192,7 +193,6 @@ class ClairvoyantDrafter:
         n_tok = np.cumsum(in_d, axis=1)
         t_dec = fixed[1:, None] + np.cumsum(np.where(in_d, cost[None, :], 0.0), axis=1)
         extra = ctx.prefill_extra_s * self.times.verify_scale
-        plain = self.times.verify(b, float(b), float(ctx.context_lens.sum()))
         credit = prefill_credit_tokens(self.prefill_credit, ctx, extra, plain)
         good = (b + credit + n_tok) / t_dec
         if ctx.budget_s is not None:
@@ -214,11 +214,12 @@ class ClairvoyantDrafter:
         np.add.at(take, rows[: q + 1][sel], 1)
         return take
 
-    def _costs(self, ctx: StepContext, k: int) -> tuple[FloatArray, FloatArray]:
+    def _costs(self, ctx: StepContext, k: int, plain: float) -> tuple[FloatArray, FloatArray]:
         """`tok[i, j]` (seconds): what request i's draft j adds to the step (its row in draft
         pass j and its verification token); `fixed[D]`: the rest of a step with D draft passes
         (their intercepts and a plain verification; with prompt chunks and D = 0, the chunks'
-        own draft forward). Goodput time, so without the chunks' share of the forwards."""
+        own draft forward; `plain`: the predicted plain verification). Goodput time, so without
+        the chunks' share of the forwards."""
         t = self.times
         tm = t.model
         L = ctx.context_lens.astype(np.float64)
@@ -229,8 +230,6 @@ class ClairvoyantDrafter:
         tok = ds * ((dm.per_row_ms + dm.per_token_ms) + dm.per_ctx_ktoken_ms * pos / 1000.0)
         tok += vs * (vm.per_token_ms + vm.per_ctx_ktoken_ms * (pos + 1.0) / 1000.0)
         tok /= 1000.0
-        b = ctx.batch
-        plain = t.verify(b, float(b), float(L.sum()))
         fixed: FloatArray = plain + np.arange(k + 1, dtype=np.float64) * t.draft_forward_fixed_s
         if ctx.prefill_extra_s > 0.0:
             fixed[0] += t.draft_forward_fixed_s
